@@ -1,0 +1,314 @@
+"""The thin D-Bus layer: one connection to a systemd manager, calls, signals, reconnection.
+
+Everything systemd-specific that is not a method call lives elsewhere; this module knows the
+bus. It exists separately because the bus is the part that fails in production: the peer
+lessons (../shared/notes/peer-lessons.md) are mostly about it:
+
+- ``Subscribe()`` before expecting signals, and match rules before ``StartTransientUnit``;
+- bound the calls in flight (the system bus caps pending replies per connection at 128);
+- after a disconnect or a ``daemon-reexec`` signals in between are lost: reconnect with
+  back-off, re-subscribe, re-add the matches and let the owner re-read what it tracks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from dbus_fast import BusType, Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+from dbus_fast.errors import DBusError
+
+from .errors import LaunchError
+
+log = logging.getLogger(__name__)
+
+SYSTEMD = "org.freedesktop.systemd1"
+MANAGER_PATH = "/org/freedesktop/systemd1"
+MANAGER_IFACE = "org.freedesktop.systemd1.Manager"
+UNIT_IFACE = "org.freedesktop.systemd1.Unit"
+SERVICE_IFACE = "org.freedesktop.systemd1.Service"
+PROPS_IFACE = "org.freedesktop.DBus.Properties"
+DBUS = "org.freedesktop.DBus"
+MAX_IN_FLIGHT = 64
+
+PropsHandler = Callable[[str, dict[str, Any]], None]
+"""(object path, changed properties unwrapped) -> None"""
+JobRemovedHandler = Callable[[str, str, str], None]
+"""(job path, unit name, result) -> None"""
+
+
+class BusCallError(LaunchError):
+    """A D-Bus method call failed; ``name`` is the D-Bus error name."""
+
+    def __init__(self, member: str, name: str, text: str) -> None:
+        self.member = member
+        self.name = name
+        self.text = text
+        super().__init__(f"systemd refused {member}: {text} ({name})")
+
+
+def unwrap(value: Any) -> Any:
+    """Variants all the way down to plain Python values."""
+    if isinstance(value, Variant):
+        return unwrap(value.value)
+    if isinstance(value, list):
+        return [unwrap(v) for v in value]
+    if isinstance(value, dict):
+        return {k: unwrap(v) for k, v in value.items()}
+    return value
+
+
+def _user_bus_address() -> str:
+    addr = os.environ.get("DBUS_SESSION_BUS_ADDRESS")
+    if addr:
+        return addr
+    path = f"/run/user/{os.getuid()}/bus"
+    if os.path.exists(path):
+        return f"unix:path={path}"
+    raise LaunchError(
+        "--user: no user bus (DBUS_SESSION_BUS_ADDRESS is unset and "
+        f"{path} does not exist; is user@{os.getuid()}.service running?)"
+    )
+
+
+class Manager:
+    """A connection to systemd's manager (system, or the calling user's with ``user=True``)."""
+
+    def __init__(self, *, user: bool = False, max_in_flight: int = MAX_IN_FLIGHT) -> None:
+        self.user = user
+        self._bus: MessageBus | None = None
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._props_handlers: dict[str, PropsHandler] = {}
+        self._job_handlers: list[JobRemovedHandler] = []
+        self._reconnect_handlers: list[Callable[[], Awaitable[None]]] = []
+        self._matched: set[str] = set()
+        self._namespace_match = False
+        self._closing = False
+        self._connected = asyncio.Event()
+        self._watch_task: asyncio.Task[None] | None = None
+        self.reconnects = 0
+
+    # --- connection -------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        await self._connect_once()
+        self._watch_task = asyncio.create_task(self._watch(), name="sdexec-bus-watch")
+
+    async def _connect_once(self) -> None:
+        try:
+            if self.user:
+                bus = MessageBus(bus_address=_user_bus_address(), negotiate_unix_fd=True)
+            else:
+                bus = MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True)
+            await bus.connect()
+        except (OSError, DBusError, EOFError) as e:
+            which = "user" if self.user else "system"
+            raise LaunchError(f"cannot connect to the {which} bus: {e}") from e
+        bus.add_message_handler(self._on_message)
+        self._bus = bus
+        # Signals before Subscribe are not sent (moonshine #124); matches before any start.
+        await self._add_match(
+            f"type='signal',sender='{SYSTEMD}',path='{MANAGER_PATH}',"
+            f"interface='{MANAGER_IFACE}',member='JobRemoved'"
+        )
+        await self._add_match(
+            f"type='signal',sender='{DBUS}',interface='{DBUS}',member='NameOwnerChanged',"
+            f"arg0='{SYSTEMD}'"
+        )
+        self._matched.clear()
+        for path in list(self._props_handlers):
+            await self._match_unit(path)
+        await self._call_on(bus, "Subscribe", "", ())
+        self._connected.set()
+
+    async def _watch(self) -> None:
+        """Reconnect with back-off whenever the connection drops, then tell the owners."""
+        while not self._closing:
+            bus = self._bus
+            if bus is None:
+                return
+            await bus.wait_for_disconnect()
+            if self._closing:
+                return
+            self._connected.clear()
+            log.warning("lost the connection to the bus; reconnecting")
+            delay = 0.05
+            while not self._closing:
+                try:
+                    await self._connect_once()
+                    break
+                except LaunchError as e:
+                    log.info("reconnect failed (%s); retrying in %.2fs", e, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+            self.reconnects += 1
+            await self._resync()
+
+    async def _resync(self) -> None:
+        for handler in list(self._reconnect_handlers):
+            try:
+                await handler()
+            except Exception:
+                log.exception("re-reading tracked units failed")
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+        if self._bus is not None:
+            self._bus.disconnect()  # closes the socket now; nothing to wait for
+            self._bus = None
+
+    # --- calls ------------------------------------------------------------------------------
+
+    async def call(
+        self,
+        member: str,
+        signature: str = "",
+        body: Sequence[Any] = (),
+        *,
+        unix_fds: Sequence[int] = (),
+        path: str = MANAGER_PATH,
+        interface: str = MANAGER_IFACE,
+        destination: str = SYSTEMD,
+    ) -> list[Any]:
+        """One method call, bounded in flight; waits out a reconnection first."""
+        if not self._connected.is_set():
+            await self._connected.wait()
+        bus = self._bus
+        if bus is None:
+            raise LaunchError("not connected to systemd")
+        return await self._call_on(
+            bus, member, signature, body, unix_fds, path, interface, destination
+        )
+
+    async def _call_on(
+        self,
+        bus: MessageBus,
+        member: str,
+        signature: str,
+        body: Sequence[Any],
+        unix_fds: Sequence[int] = (),
+        path: str = MANAGER_PATH,
+        interface: str = MANAGER_IFACE,
+        destination: str = SYSTEMD,
+    ) -> list[Any]:
+        msg = Message(
+            destination=destination,
+            path=path,
+            interface=interface,
+            member=member,
+            signature=signature,
+            body=list(body),
+            unix_fds=list(unix_fds),
+        )
+        async with self._slots:
+            try:
+                reply = await bus.call(msg)
+            except (OSError, EOFError) as e:
+                raise LaunchError(f"{member}: the bus connection failed: {e}") from e
+        if reply is None:
+            raise LaunchError(f"{member}: no reply from systemd")
+        if reply.message_type == MessageType.ERROR:
+            text = str(reply.body[0]) if reply.body else ""
+            raise BusCallError(member, reply.error_name or "", text)
+        return list(reply.body)
+
+    async def get_all(self, path: str, interface: str = "") -> dict[str, Any]:
+        body = await self.call(
+            "GetAll", "s", [interface], path=path, interface=PROPS_IFACE
+        )
+        return {k: unwrap(v) for k, v in body[0].items()}
+
+    async def _add_match(self, rule: str) -> None:
+        if self._bus is None:
+            raise LaunchError("not connected to systemd")
+        await self._call_on(
+            self._bus, "AddMatch", "s", [rule], (), "/org/freedesktop/DBus", DBUS, DBUS
+        )
+
+    # --- signals ----------------------------------------------------------------------------
+
+    async def watch_unit(self, path: str, handler: PropsHandler) -> None:
+        """Route ``PropertiesChanged`` of one unit to ``handler``; installed before any start."""
+        self._props_handlers[path] = handler
+        await self._match_unit(path)
+
+    async def _match_unit(self, path: str) -> None:
+        if self._namespace_match or path in self._matched:
+            return
+        try:
+            await self._add_match(
+                f"type='signal',sender='{SYSTEMD}',path='{path}',"
+                f"interface='{PROPS_IFACE}',member='PropertiesChanged'"
+            )
+            self._matched.add(path)
+        except BusCallError as e:
+            if "LimitsExceeded" not in e.name:
+                raise
+            # dbus-daemon caps match rules per connection: fall back to one rule for all
+            # units and filter here (never polling ListUnits).
+            log.info("match rule limit reached; watching all units and filtering")
+            await self._add_match(
+                f"type='signal',sender='{SYSTEMD}',path_namespace='/org/freedesktop/systemd1/unit',"
+                f"interface='{PROPS_IFACE}',member='PropertiesChanged'"
+            )
+            self._namespace_match = True
+
+    async def unwatch_unit(self, path: str) -> None:
+        self._props_handlers.pop(path, None)
+        if path in self._matched and self._bus is not None and self._bus.connected:
+            self._matched.discard(path)
+            try:
+                await self.call(
+                    "RemoveMatch",
+                    "s",
+                    [
+                        f"type='signal',sender='{SYSTEMD}',path='{path}',"
+                        f"interface='{PROPS_IFACE}',member='PropertiesChanged'"
+                    ],
+                    path="/org/freedesktop/DBus",
+                    interface=DBUS,
+                    destination=DBUS,
+                )
+            except LaunchError as e:
+                log.debug("RemoveMatch %s: %s", path, e)
+
+    def on_job_removed(self, handler: JobRemovedHandler) -> Callable[[], None]:
+        self._job_handlers.append(handler)
+        return lambda: self._job_handlers.remove(handler)
+
+    def on_reconnect(self, handler: Callable[[], Awaitable[None]]) -> None:
+        self._reconnect_handlers.append(handler)
+
+    def _on_message(self, msg: Message) -> None:
+        if msg.message_type != MessageType.SIGNAL:
+            return
+        if msg.member == "PropertiesChanged":
+            handler = self._props_handlers.get(msg.path or "")
+            if handler is not None and msg.body:
+                changed = {k: unwrap(v) for k, v in msg.body[1].items()}
+                if msg.body[0] in (UNIT_IFACE, SERVICE_IFACE):
+                    handler(msg.path or "", changed)
+        elif msg.member == "JobRemoved" and msg.interface == MANAGER_IFACE:
+            _id, job, unit, result = msg.body
+            for jh in list(self._job_handlers):
+                jh(job, unit, result)
+        elif msg.member == "NameOwnerChanged" and msg.body and msg.body[0] == SYSTEMD:
+            if msg.body[2]:
+                # systemd re-executed (or restarted): it forgot our subscription and we
+                # may have missed signals in between.
+                log.warning("systemd re-registered on the bus; re-subscribing")
+                asyncio.get_running_loop().create_task(self._after_reexec())
+
+    async def _after_reexec(self) -> None:
+        try:
+            await self.call("Subscribe")
+        except LaunchError as e:
+            log.warning("re-subscribe after re-exec failed: %s", e)
+        self.reconnects += 1
+        await self._resync()

@@ -1,0 +1,143 @@
+"""Command-line entry point: argument parsing and dispatch only.
+
+Each subcommand lives in its own ``sdexec.cmd_*`` module and is imported only when chosen, so
+``sdexec run`` does not pay for SQLite or the config printer, and ``sdexec config check`` does not
+pay for D-Bus.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .errors import SdexecError
+
+# subcommand -> "module:function"; each function takes the parsed Namespace and returns an exit code
+HANDLERS = {
+    "run": "sdexec.cmd_run:main",
+    "attach": "sdexec.cmd_run:attach",
+    "config-check": "sdexec.cmd_config:check",
+    "stats": "sdexec.cmd_stats:main",
+    "drain-list": "sdexec.cmd_drain:list_",
+    "drain-clear": "sdexec.cmd_drain:clear",
+    "drain-set": "sdexec.cmd_drain:set_",
+    "jobs": "sdexec.cmd_stats:jobs",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors are one line naming the argument, exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: {message} (see '{self.prog} --help')\n")
+        sys.exit(2)
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        "-c",
+        metavar="PATH",
+        help="a TOML file, or a directory of *.toml merged like conf.d "
+        "(default: $SDEXEC_CONFIG, else /etc/sdexec/conf.d or /etc/sdexec/exec.toml if present)",
+    )
+
+
+def _add_json(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sdexec", description="Run HPC jobs as transient systemd units.")
+    parser.add_argument("--version", action="version", version=f"sdexec {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    run = sub.add_parser("run", help="run one job and relay its stdio and exit status")
+    _add_config(run)
+    run.add_argument("--job", metavar="ID", help="job id (default: a fresh one)")
+    run.add_argument("--rank", type=int, default=0, metavar="N", help="shell rank on this node")
+    run.add_argument(
+        "--setattr", action="append", default=[], metavar="KEY=VALUE",
+        help="job attribute, e.g. system.exec.test.run_duration=1s (repeatable)",
+    )
+    run.add_argument("--user", action="store_true", help="use the calling user's systemd manager")
+    run.add_argument("--owner", metavar="USER", help="run the job as this user (guest jobs go through imp)")
+    run.add_argument("--time-limit", metavar="FSD", help="terminate the job after this duration")
+    run.add_argument("--cwd", metavar="DIR", help="working directory (default: the current one)")
+    run.add_argument(
+        "--env", action="append", default=[], metavar="KEY=VALUE",
+        help="set an environment variable for the job (repeatable)",
+    )
+    run.add_argument("--keep-unit", action="store_true", help="keep a failed unit for post-mortem")
+    _add_json(run)
+    run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
+
+    attach = sub.add_parser("attach", help="re-attach to a job started by another sdexec process")
+    _add_config(attach)
+    attach.add_argument("--job", metavar="ID", required=True)
+    attach.add_argument("--user", action="store_true", help="use the calling user's systemd manager")
+    _add_json(attach)
+
+    config = sub.add_parser("config", help="configuration tools")
+    csub = config.add_subparsers(dest="config_command", metavar="ACTION", parser_class=_Parser)
+    csub.required = True
+    check = csub.add_parser("check", help="validate a config and print the effective [exec] table")
+    check.add_argument("path", nargs="?", metavar="PATH", help="TOML file or conf.d directory")
+    _add_json(check)
+
+    stats = sub.add_parser("stats", help="kill configuration and per-job termination state")
+    _add_config(stats)
+    _add_json(stats)
+
+    jobs = sub.add_parser("jobs", help="jobs recorded on this node")
+    _add_config(jobs)
+    _add_json(jobs)
+
+    drain = sub.add_parser("drain", help="this node's drain state")
+    dsub = drain.add_subparsers(dest="drain_command", metavar="ACTION", parser_class=_Parser)
+    dsub.required = True
+    dl = dsub.add_parser("list", help="show the drain record(s)")
+    _add_config(dl)
+    _add_json(dl)
+    dc = dsub.add_parser("clear", help="undrain the node")
+    _add_config(dc)
+    ds = dsub.add_parser("set", help="drain the node by hand")
+    _add_config(ds)
+    ds.add_argument("reason", metavar="REASON")
+    return parser
+
+
+def _handler_key(args: argparse.Namespace) -> str:
+    if args.command == "config":
+        return f"config-{args.config_command}"
+    if args.command == "drain":
+        return f"drain-{args.drain_command}"
+    return str(args.command)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="sdexec: %(levelname)s: %(message)s")
+    module_name, func_name = HANDLERS[_handler_key(args)].split(":")
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+        return int(func(args))
+    except SdexecError as e:
+        sys.stderr.write(f"sdexec: {e}\n")
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 141
+
+
+if __name__ == "__main__":
+    sys.exit(main())

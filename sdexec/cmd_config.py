@@ -1,0 +1,93 @@
+"""``sdexec config check``: validate a config and print the effective settings.
+
+The TOML printed here is meant to be pasted back into a config file, so it is emitted by a
+small writer for exactly the shapes :meth:`ExecConfig.to_dict` produces, and reads back equal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from .config import load_config
+
+__all__ = ["check", "dump_toml"]
+
+_BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def _string(s: str) -> str:
+    out = []
+    for ch in s:
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04X}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def _key(k: str) -> str:
+    return k if _BARE_KEY_RE.fullmatch(k) else _string(k)
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+    if isinstance(v, str):
+        return _string(v)
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_value(x) for x in v) + "]"
+    if isinstance(v, Mapping):
+        return "{" + ", ".join(f"{_key(k)} = {_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(f"cannot write {type(v).__name__} as TOML")
+
+
+def _table(lines: list[str], path: list[str], table: Mapping[str, Any]) -> None:
+    lines.append("[" + ".".join(_key(p) for p in path) + "]")
+    subtables = []
+    for k, v in table.items():
+        if isinstance(v, Mapping) and v:
+            subtables.append((k, v))
+        else:
+            lines.append(f"{_key(k)} = {_value(v)}")
+    for k, v in subtables:
+        lines.append("")
+        _table(lines, [*path, k], v)
+
+
+def dump_toml(data: Mapping[str, Mapping[str, Any]], header: str = "") -> str:
+    """TOML text for a mapping of tables (nested tables allowed, scalars and arrays in them)."""
+    lines = [f"# {h}" for h in header.splitlines()]
+    for name, table in data.items():
+        if lines:
+            lines.append("")
+        _table(lines, [name], table)
+    return "\n".join(lines) + "\n"
+
+
+def check(args: argparse.Namespace) -> int:
+    """Print the effective config; errors propagate as ConfigError (exit 2 from the CLI)."""
+    config = load_config(args.path)
+    data = config.to_dict()
+    if args.json:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        return 0
+    sources = ", ".join(config.sources) if config.sources else "built-in defaults"
+    sys.stdout.write(dump_toml(data, header=f"effective sdexec configuration, from: {sources}"))
+    return 0

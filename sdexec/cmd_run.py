@@ -1,0 +1,159 @@
+"""``sdexec run``: one job, its stdio relayed, its exit status as ours (``systemd-run --wait --pipe``).
+
+Exit codes: the job's own exit code; 128+N when it was killed by signal N (not systemd-run's
+255, peer lessons); 2 for usage/config errors; 125 when the launcher failed or refused; 126/127
+when the program could not be executed / was not found. Ctrl-C or SIGTERM starts the job's
+termination sequence (term-signal first) instead of abandoning the job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .config import ExecConfig, load_config
+from .errors import LaunchError, UsageError
+
+log = logging.getLogger(__name__)
+
+STATE_BY_PHASE = {"new": "starting", "started": "running", "finished": "running", "gone": "finished"}
+
+
+def new_jobid() -> str:
+    """Unique on this node without coordination: milliseconds, pid and a random tail."""
+    return f"{int(time.time() * 1000):x}{os.getpid() % 0x10000:04x}{os.urandom(2).hex()}"
+
+
+def parse_assignments(items: list[str], option: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"{option}: {item!r} is not KEY=VALUE (e.g. {option} FOO=bar)")
+        out[key] = value
+    return out
+
+
+def _command(args: argparse.Namespace) -> list[str]:
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise UsageError("no command given (usage: sdexec run [OPTIONS] -- CMD [ARG...])")
+    return cmd
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    cmd = _command(args)
+    attrs = parse_assignments(args.setattr, "--setattr")
+    env = dict(os.environ)
+    env.update(parse_assignments(args.env, "--env"))
+    jobid = args.job if args.job is not None else new_jobid()
+    from .unitname import check_jobid
+
+    check_jobid(jobid)
+    time_limit: float | None = None
+    if args.time_limit is not None:
+        from .duration import parse_fsd
+
+        try:
+            time_limit = parse_fsd(args.time_limit, "--time-limit")
+        except ValueError as e:
+            raise UsageError(f"--time-limit: {e}") from None
+    from .jobexec import JobRequest, select_service
+
+    req = JobRequest(
+        jobid=jobid,
+        argv=cmd,
+        env=env,
+        cwd=args.cwd or os.getcwd(),
+        attrs=attrs,
+        owner=args.owner,
+        rank=args.rank,
+        user_manager=args.user,
+        keep_failed_unit=args.keep_unit,
+        time_limit=time_limit,
+    )
+    service = select_service(cfg, req)
+    return asyncio.run(_run(cfg, req, service, json_out=args.json))
+
+
+def attach(args: argparse.Namespace) -> int:
+    from .jobexec import attach_job
+
+    cfg = load_config(args.config)
+    return asyncio.run(attach_job(cfg, args.job, user_manager=args.user, json_out=args.json))
+
+
+async def _relay(reader: asyncio.StreamReader | None, fd: int) -> None:
+    """Copy job output to our fd as it comes; a closed reader of ours (EPIPE) stops the copy."""
+    if reader is None:
+        return
+    while True:
+        chunk = await reader.read(65536)
+        if not chunk:
+            return
+        view = memoryview(chunk)
+        try:
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+        except BlockingIOError:
+            await asyncio.sleep(0.001)
+        except BrokenPipeError:
+            log.debug("fd %d closed by its reader; discarding the rest", fd)
+            while await reader.read(65536):
+                pass
+            return
+
+
+async def _run(cfg: ExecConfig, req: Any, service: str, *, json_out: bool) -> int:
+    from .jobexec import start_job
+
+    loop = asyncio.get_running_loop()
+    handle = await start_job(cfg, req, service, stdin=0)
+    try:
+        job = handle.job
+        cancels = 0
+
+        def on_signal(signum: int) -> None:
+            nonlocal cancels
+            cancels += 1
+            log.warning("%s: cancelling the job (%s)", handle.name, signal.Signals(signum).name)
+            handle.cancel("cancel")
+
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(sig, on_signal, sig)
+        timer: asyncio.TimerHandle | None = None
+        if req.time_limit is not None and req.time_limit > 0:
+            cancel_timeout: Callable[[], None] = lambda: handle.cancel("timeout")  # noqa: E731
+            timer = loop.call_later(req.time_limit, cancel_timeout)
+        relays = [
+            asyncio.create_task(_relay(getattr(job, "stdout", None), 1)),
+            asyncio.create_task(_relay(getattr(job, "stderr", None), 2)),
+        ]
+        rc = await handle.wait()
+        await asyncio.gather(*relays, return_exceptions=True)
+        if timer is not None:
+            timer.cancel()
+    finally:
+        await handle.close()
+    report = handle.report()
+    if json_out:
+        sys.stderr.write(json.dumps(report) + "\n")
+    if report.get("memory_note"):
+        sys.stderr.write(f"sdexec: job {req.jobid}: {report['memory_note']}\n")
+    if rc is None:
+        raise LaunchError(f"job {req.jobid}: {report.get('error') or 'no exit status'}")
+    if report.get("error"):
+        sys.stderr.write(f"sdexec: job {req.jobid}: {report['error']}\n")
+    return rc

@@ -1,0 +1,113 @@
+"""Draining this node: the last resort when a job's processes cannot be killed.
+
+The drain is recorded locally first, so this node refuses new jobs even if the resource
+manager cannot be told; then the site's ``[sdexec] drain-command`` (if any) tells it, e.g.::
+
+    drain-command = ["flux", "resource", "drain", "{hostname}", "{reason}"]
+    drain-command = ["scontrol", "update", "NodeName={hostname}", "State=DRAIN", "Reason={reason}"]
+
+Placeholders ``{hostname}`` (short name), ``{reason}``, ``{jobid}`` and ``{unit}`` are replaced
+inside each argv word; there is no shell, so a reason cannot inject anything. A failing or hung
+command is logged, never raised: the local drain already holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from .statedb import DrainRecord, StateDB
+
+if TYPE_CHECKING:
+    from .config import ExecConfig
+
+log = logging.getLogger(__name__)
+
+DRAIN_COMMAND_TIMEOUT_SEC = 30.0
+_STDERR_TAIL_CHARS = 500
+
+
+def expand_drain_command(template: Sequence[str], rec: DrainRecord) -> list[str]:
+    """Substitute the placeholders word by word (plain replace: other braces stay as they are)."""
+    values = {
+        "{hostname}": rec.hostname,
+        "{reason}": rec.reason,
+        "{jobid}": rec.jobid or "",
+        "{unit}": rec.unit or "",
+    }
+    argv = []
+    for word in template:
+        for key, value in values.items():
+            word = word.replace(key, value)
+        argv.append(word)
+    return argv
+
+
+def _tail(data: bytes) -> str:
+    text = data.decode("utf-8", "replace").strip()
+    if len(text) > _STDERR_TAIL_CHARS:
+        text = "..." + text[-_STDERR_TAIL_CHARS:]
+    return " | ".join(line for line in text.splitlines() if line.strip())
+
+
+async def run_drain_command(argv: Sequence[str], *, timeout: float) -> bool:
+    """Run the site's drain command; True if it exited 0. Failures are logged, not raised."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,  # so a timeout can kill what it spawned too
+        )
+    except OSError as e:
+        log.error("drain-command %s could not be run: %s", argv[0], e.strerror or e)
+        return False
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        await proc.wait()
+        log.error("drain-command %s timed out after %gs; killed it", argv[0], timeout)
+        return False
+    if proc.returncode != 0:
+        status = (
+            f"exit status {proc.returncode}"
+            if proc.returncode is not None and proc.returncode >= 0
+            else f"signal {-(proc.returncode or 0)}"
+        )
+        tail = _tail(err)
+        log.error("drain-command %s failed (%s)%s", argv[0], status, f": {tail}" if tail else "")
+        return False
+    log.info("drain-command %s succeeded", argv[0])
+    return True
+
+
+async def drain_node(
+    db: StateDB,
+    cfg: ExecConfig,
+    reason: str,
+    *,
+    jobid: str | None,
+    unit: str | None,
+    timeout: float = DRAIN_COMMAND_TIMEOUT_SEC,
+) -> DrainRecord:
+    """Drain this node locally, then tell the resource manager if a command is configured."""
+    rec = db.drain(reason, jobid=jobid, unit=unit)
+    log.error(
+        "draining node %s: %s%s",
+        rec.hostname,
+        rec.reason,
+        f" (job {jobid}, unit {unit})" if jobid or unit else "",
+    )
+    template = tuple(cfg.sdexec.drain_command or ())
+    if template:
+        await run_drain_command(expand_drain_command(template, rec), timeout=timeout)
+    return rec

@@ -1,0 +1,288 @@
+"""A stand-in for flux-imp in systemd mode, for tests and the container node. NOT for production.
+
+``python -m sdexec.imp_test exec SHELL [ARG...]`` runs as root as the main process of a guest
+job's unit (Type=notify, KillMode=process). It starts SHELL as the guest named by
+``SDEXEC_IMP_USER``, reports READY=1, proxies signals to the shell, turns SIGUSR1 into SIGKILL
+for everything else in the unit's cgroup, and after the shell exits reports STOPPING=1 and
+lingers while processes remain, so systemd keeps the unit "deactivating" and the launcher's stop
+timer can act. Unlike the real IMP it checks no signature: anyone able to start it as root in a
+unit could run anything as anyone but root.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import pwd
+import signal
+import socket
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from types import FrameType
+
+from .errors import SdexecError
+from .shell import exit_like
+
+__all__ = [
+    "ImpError",
+    "cgroup_dir",
+    "cgroup_path",
+    "cgroup_pids",
+    "is_unified",
+    "kill_cgroup",
+    "main",
+    "resolve_user",
+    "sd_notify",
+]
+
+log = logging.getLogger(__name__)
+
+PROG = "sdexec-imp"
+CGROUP_ROOT = "/sys/fs/cgroup"
+POLL_INTERVAL = 0.2
+#: signals proxied to the shell's process group; SIGUSR1 is handled apart (SIGKILL the unit)
+PROXIED = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGALRM,
+    signal.SIGUSR2,
+    signal.SIGCONT,
+)
+_HANDLED = (*PROXIED, signal.SIGUSR1)
+# ignored by the Python runtime; an ignored disposition would survive exec
+_RESET_IN_CHILD = (*_HANDLED, signal.SIGPIPE, signal.SIGXFSZ)
+# the IMP's own knobs: not the job's business
+_STRIP_ENV = ("SDEXEC_IMP_USER", "NOTIFY_SOCKET")
+
+
+class ImpError(SdexecError):
+    """The IMP refuses to run or cannot set up the job."""
+
+
+def resolve_user(value: str | None) -> pwd.struct_passwd:
+    """The guest named by SDEXEC_IMP_USER (a name or a uid); never root."""
+    if value is None or not value.strip():
+        raise ImpError("SDEXEC_IMP_USER is not set: name the guest user (a name or a uid)")
+    text = value.strip()
+    try:
+        pw = pwd.getpwuid(int(text)) if text.isdigit() else pwd.getpwnam(text)
+    except KeyError:
+        raise ImpError(f"SDEXEC_IMP_USER: no such user {text!r}") from None
+    if pw.pw_uid == 0:
+        raise ImpError(f"SDEXEC_IMP_USER: refusing to run a job as root ({text!r})")
+    return pw
+
+
+def cgroup_path(proc_self_cgroup: str, *, unified: bool) -> str:
+    """The cgroup path systemd tracks the unit by, from the text of /proc/self/cgroup.
+
+    On cgroup v2 that is the ``0::`` line; on v1 (and hybrid) hosts the ``name=systemd``
+    hierarchy, which is the one systemd itself uses to find a unit's processes.
+    """
+    for line in proc_self_cgroup.splitlines():
+        parts = line.strip().split(":", 2)
+        if len(parts) != 3:
+            continue
+        hid, controllers, path = parts
+        if unified:
+            found = hid == "0" and controllers == ""
+        else:
+            found = "name=systemd" in controllers.split(",")
+        if found:
+            return path.removesuffix(" (deleted)")
+    which = "0::" if unified else "name=systemd"
+    raise ImpError(f"/proc/self/cgroup has no {which} line: cannot find the unit's cgroup")
+
+
+def is_unified(root: str = CGROUP_ROOT) -> bool:
+    """True on a cgroup v2 host (cgroup2 mounted at ``root``)."""
+    return os.path.exists(os.path.join(root, "cgroup.controllers"))
+
+
+def cgroup_dir(proc_self_cgroup: str, *, unified: bool, root: str = CGROUP_ROOT) -> str:
+    """The cgroupfs directory of the unit's cgroup.
+
+    Refuses anything but a unit's own cgroup (``*.service`` / ``*.scope``): SIGUSR1 kills
+    everything below this directory, and outside a unit that could be the whole machine.
+    """
+    path = cgroup_path(proc_self_cgroup, unified=unified).strip("/")
+    leaf = path.rsplit("/", 1)[-1]
+    if not leaf.endswith((".service", ".scope")):
+        raise ImpError(f"cgroup /{path} is not a systemd unit's: not running inside a unit")
+    base = root if unified else os.path.join(root, "systemd")
+    return os.path.join(base, path)
+
+
+def cgroup_pids(directory: str) -> set[int]:
+    """Every process in the cgroup and its descendants (a job may create sub-cgroups)."""
+    pids: set[int] = set()
+    for dirpath, _dirs, files in os.walk(directory):
+        if "cgroup.procs" not in files:
+            continue
+        try:
+            with open(os.path.join(dirpath, "cgroup.procs")) as f:
+                pids.update(int(line) for line in f if line.strip())
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a sub-cgroup removed while we walked
+    return pids
+
+
+def kill_cgroup(directory: str, *, exclude: Iterable[int] = (), passes: int = 3) -> int:
+    """SIGKILL every process in the cgroup but ``exclude``; return how many were signalled.
+
+    Several passes, since a process may fork between the read and the kill.
+    """
+    skip = set(exclude)
+    killed = 0
+    for _ in range(passes):
+        victims = cgroup_pids(directory) - skip
+        if not victims:
+            break
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+            except ProcessLookupError:
+                pass
+    return killed
+
+
+def sd_notify(state: str, socket_path: str | None = None) -> bool:
+    """Send ``state`` to systemd's notify socket; False when there is none to send to.
+
+    ``socket_path`` defaults to $NOTIFY_SOCKET; a leading ``@`` names an abstract socket.
+    """
+    path = os.environ.get("NOTIFY_SOCKET") if socket_path is None else socket_path
+    if not path:
+        return False
+    if path.startswith("@"):
+        address = "\0" + path[1:]
+    elif path.startswith("/"):
+        address = path
+    else:
+        log.warning("unsupported NOTIFY_SOCKET address %r", path)
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        sock.connect(address)
+        sock.sendall(state.encode())
+    return True
+
+
+def _notify(state: str) -> None:
+    try:
+        sd_notify(state)
+    except OSError as e:
+        sys.stderr.write(f"{PROG}: sd_notify {state.splitlines()[0]}: {e.strerror or e}\n")
+
+
+def guest_env(environ: dict[str, str], pw: pwd.struct_passwd) -> dict[str, str]:
+    """The shell's environment: the unit's, minus the IMP's knobs, plus the guest's identity."""
+    env = {k: v for k, v in environ.items() if k not in _STRIP_ENV}
+    env.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name)
+    return env
+
+
+def _child(shell: str, argv: Sequence[str], pw: pwd.struct_passwd, env: dict[str, str]) -> None:
+    """In the forked child: become the guest and exec the shell. Never returns."""
+    try:
+        os.setpgid(0, 0)
+        for sig in _RESET_IN_CHILD:
+            signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        if os.geteuid() != pw.pw_uid:
+            os.initgroups(pw.pw_name, pw.pw_gid)
+            os.setgid(pw.pw_gid)
+            os.setuid(pw.pw_uid)
+        os.execvpe(shell, [shell, *argv], env)
+    except OSError as e:
+        code = 127 if e.errno == errno.ENOENT else 126
+        os.write(2, f"{PROG}: {shell}: {e.strerror or e}\n".encode())
+        os._exit(code)
+    except BaseException as e:
+        os.write(2, f"{PROG}: {shell}: {e}\n".encode())
+        os._exit(126)
+
+
+class _Proxy:
+    """Signal handling of the parent: forward to the shell's group, SIGUSR1 kills the unit."""
+
+    def __init__(self, pgid: int, cgroup: str | None) -> None:
+        self.pgid = pgid
+        self.cgroup = cgroup
+
+    def forward(self, signum: int, frame: FrameType | None) -> None:
+        try:
+            os.killpg(self.pgid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def kill_all(self, signum: int, frame: FrameType | None) -> None:
+        if self.cgroup is None:
+            # no cgroup to go by (not under systemd): the shell's group is all we know
+            try:
+                os.killpg(self.pgid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            return
+        n = kill_cgroup(self.cgroup, exclude=(os.getpid(),))
+        log.debug("SIGUSR1: sent SIGKILL to %d process(es)", n)
+
+
+def _find_cgroup() -> str | None:
+    try:
+        with open("/proc/self/cgroup") as f:
+            text = f.read()
+        return cgroup_dir(text, unified=is_unified())
+    except (OSError, ImpError) as e:
+        sys.stderr.write(f"{PROG}: warning: {e}; SIGUSR1 will only kill the shell's group\n")
+        return None
+
+
+def run(shell: str, argv: Sequence[str], pw: pwd.struct_passwd) -> int:
+    """Run the shell as the guest; return its raw wait status once the cgroup is empty."""
+    cgroup = _find_cgroup()
+    env = guest_env(dict(os.environ), pw)
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(_HANDLED))
+    try:
+        pid = os.fork()
+        if pid == 0:
+            _child(shell, argv, pw, env)
+        try:
+            os.setpgid(pid, 0)  # also in the parent, so the group exists before any forward
+        except OSError:
+            pass  # the child already did it, or already exec'd
+        proxy = _Proxy(pid, cgroup)
+        for sig in PROXIED:
+            signal.signal(sig, proxy.forward)
+        signal.signal(signal.SIGUSR1, proxy.kill_all)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    _notify(f"READY=1\nMAINPID={os.getpid()}")
+    _, status = os.waitpid(pid, 0)
+    _notify("STOPPING=1")
+    if cgroup is not None:
+        me = os.getpid()
+        while cgroup_pids(cgroup) - {me}:
+            time.sleep(POLL_INTERVAL)
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) < 2 or args[0] != "exec":
+        sys.stderr.write(f"{PROG}: usage: python -m sdexec.imp_test exec SHELL [ARG...]\n")
+        return 2
+    try:
+        pw = resolve_user(os.environ.get("SDEXEC_IMP_USER"))
+    except ImpError as e:
+        sys.stderr.write(f"{PROG}: {e}\n")
+        return 1
+    status = run(args[1], args[2:], pw)
+    exit_like(status)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

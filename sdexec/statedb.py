@@ -1,0 +1,413 @@
+"""The node's persistent state: job records and drain records, in one SQLite file.
+
+Several ``sdexec run`` processes on one node share it, ``sdexec stats``/``attach`` read it, and
+it outlives a launcher crash so a job can be re-attached. SQLite in WAL mode with a busy timeout
+and ``BEGIN IMMEDIATE`` write transactions makes concurrent writers safe without a daemon.
+The state directory must be local (WAL does not work over NFS) and private to its owner, since
+whoever can write it can drain the node or make it refuse jobs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import socket
+import sqlite3
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import LaunchError, RefusedError
+
+log = logging.getLogger(__name__)
+
+DB_NAME = "state.sqlite3"
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_SEC = 10.0
+FINAL_STATES = frozenset({"finished", "abandoned"})
+JOB_STATES = frozenset({"starting", "running", "terminating", *FINAL_STATES})
+# A launcher that started this long after its record's launcher_since is a recycled pid.
+_PID_REUSE_SLACK_SEC = 2.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    jobid TEXT PRIMARY KEY,
+    unit TEXT NOT NULL,
+    service TEXT NOT NULL,
+    owner_uid INTEGER NOT NULL,
+    manager TEXT NOT NULL,
+    launcher_pid INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    pid INTEGER,
+    termination TEXT,
+    exit_status INTEGER,
+    error TEXT,
+    updated_at REAL NOT NULL,
+    launcher_since REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS drains (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    reason TEXT NOT NULL,
+    jobid TEXT,
+    unit TEXT,
+    created_at REAL NOT NULL,
+    hostname TEXT NOT NULL
+);
+"""
+
+
+def short_hostname() -> str:
+    """The name a resource manager knows this node by (``flux resource drain``, Slurm)."""
+    return socket.gethostname().split(".", 1)[0]
+
+
+def launcher_alive(pid: int, since: float | None = None) -> bool:
+    """Whether ``pid`` is still the launcher that wrote a record at wall time ``since``.
+
+    A zombie, or a process started after ``since`` (a recycled pid), is not.
+    """
+    if pid <= 0:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by someone else
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover - psutil is a dependency
+        return True
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        if since is not None and proc.create_time() > since + _PID_REUSE_SLACK_SEC:
+            return False
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True
+    return True
+
+
+@dataclass
+class JobRecord:
+    """One job launched on this node, as shared between launcher processes."""
+
+    jobid: str
+    unit: str
+    service: str  # "sdexec" | "rexec" | "testexec"
+    owner_uid: int
+    manager: str  # "system" | "user"
+    launcher_pid: int
+    state: str  # "starting" | "running" | "terminating" | "finished" | "abandoned"
+    created_at: float  # wall clock
+    pid: int | None = None
+    termination: dict[str, object] | None = None  # Termination.stats()
+    exit_status: int | None = None  # wait status, once known
+    error: str | None = None
+    updated_at: float = 0.0
+    # wall time launcher_pid was recorded: tells a live launcher from a recycled pid
+    launcher_since: float = 0.0
+
+    @property
+    def live(self) -> bool:
+        return self.state not in FINAL_STATES
+
+    def launcher_alive(self) -> bool:
+        return launcher_alive(self.launcher_pid, self.launcher_since or self.created_at)
+
+    def to_json(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class DrainRecord:
+    """Why this node refuses new jobs, until ``sdexec drain clear``."""
+
+    reason: str
+    jobid: str | None
+    unit: str | None
+    created_at: float
+    hostname: str
+
+    def to_json(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+_JOB_COLUMNS = [f.name for f in dataclasses.fields(JobRecord)]
+_UPDATABLE = frozenset(_JOB_COLUMNS) - {"jobid"}
+
+
+def format_time(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def _one_line(text: str) -> str:
+    """Drain reasons end up in one-line error messages and site commands' argv."""
+    return " ".join(text.split())
+
+
+def _check_private(path: str, what: str, *, is_dir: bool) -> None:
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise RefusedError(f"cannot use {what} {path}: {e.strerror}") from None
+    if is_dir and not stat.S_ISDIR(st.st_mode):
+        raise RefusedError(f"{what} {path} exists and is not a directory")
+    uid = os.geteuid()
+    if st.st_uid != uid:
+        raise RefusedError(
+            f"{what} {path} is owned by uid {st.st_uid}, not by us (uid {uid}); "
+            "refusing to trust it (set [sdexec] state-dir to a directory we own)"
+        )
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise RefusedError(
+            f"{what} {path} is writable by group or others "
+            f"(mode {stat.S_IMODE(st.st_mode):04o}); refusing to trust it "
+            f"(fix with: chmod go-w {path})"
+        )
+
+
+class StateDB:
+    """Handle on the node's state file; one per process, safe to share between threads."""
+
+    def __init__(self, conn: sqlite3.Connection, path: str) -> None:
+        self._conn = conn
+        self.path = path
+        self._lock = threading.RLock()
+
+    @classmethod
+    def open(cls, state_dir: str) -> StateDB:
+        state_dir = os.path.abspath(state_dir)
+        if not os.path.lexists(state_dir):
+            try:
+                os.makedirs(state_dir, mode=0o700, exist_ok=True)
+            except OSError as e:
+                raise RefusedError(
+                    f"cannot create state directory {state_dir}: {e.strerror}"
+                ) from None
+        _check_private(state_dir, "state directory", is_dir=True)
+        path = os.path.join(state_dir, DB_NAME)
+        try:
+            # create it 0600 ourselves: SQLite's -wal and -shm files copy its mode
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            os.close(fd)
+        except OSError as e:
+            raise RefusedError(f"cannot open state database {path}: {e.strerror}") from None
+        _check_private(path, "state database", is_dir=False)
+        try:
+            conn = sqlite3.connect(
+                path, timeout=BUSY_TIMEOUT_SEC, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as e:
+            raise RefusedError(f"cannot open state database {path}: {e}") from None
+        db = cls(conn, path)
+        try:
+            db._init()
+        except BaseException:
+            conn.close()
+            raise
+        return db
+
+    def _init(self) -> None:
+        with self._errors():
+            self._conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SEC * 1000)}")
+            mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                log.warning("state database %s: journal mode is %s, not wal", self.path, mode)
+            # WAL + NORMAL survives a crashed process; the state dir is usually tmpfs anyway
+            self._conn.execute("PRAGMA synchronous = NORMAL")
+        with self._write() as c:
+            version = int(c.execute("PRAGMA user_version").fetchone()[0])
+            if version > SCHEMA_VERSION:
+                raise RefusedError(
+                    f"state database {self.path} has schema version {version}, newer than "
+                    f"this sdexec understands ({SCHEMA_VERSION}); use a newer sdexec or "
+                    "another [sdexec] state-dir"
+                )
+            if version < SCHEMA_VERSION:
+                # one statement at a time: executescript() would COMMIT our transaction
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        c.execute(statement)
+                c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as e:
+            raise LaunchError(f"state database {self.path}: {e}") from None
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction that takes the lock up front.
+
+        A deferred transaction upgraded from read to write can fail at once with SQLITE_BUSY
+        in WAL mode, ignoring the busy timeout; IMMEDIATE waits its turn instead.
+        """
+        with self._lock, self._errors():
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._lock, self._errors():
+            yield self._conn
+
+    # --- jobs -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _row_to_job(row: tuple[Any, ...]) -> JobRecord:
+        values = dict(zip(_JOB_COLUMNS, row, strict=True))
+        if values["termination"] is not None:
+            values["termination"] = json.loads(values["termination"])
+        return JobRecord(**values)
+
+    @staticmethod
+    def _encode(name: str, value: object) -> object:
+        if name == "termination" and value is not None:
+            return json.dumps(value, sort_keys=True)
+        if name == "state" and value not in JOB_STATES:
+            raise ValueError(f"invalid job state {value!r}")
+        return value
+
+    def _select_job(self, c: sqlite3.Connection, jobid: str) -> JobRecord | None:
+        row = c.execute(
+            f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE jobid = ?", (jobid,)
+        ).fetchone()
+        return None if row is None else self._row_to_job(row)
+
+    def add_job(self, rec: JobRecord) -> None:
+        """Record a job; refuse if the same job id is already running here."""
+        now = time.time()
+        if not rec.updated_at:
+            rec.updated_at = now
+        if not rec.launcher_since:
+            rec.launcher_since = now
+        values = [self._encode(name, getattr(rec, name)) for name in _JOB_COLUMNS]
+        with self._write() as c:
+            old = self._select_job(c, rec.jobid)
+            if old is not None and old.live:
+                if old.launcher_alive():
+                    raise RefusedError(
+                        f"job {rec.jobid} is already running on this node (unit {old.unit})"
+                    )
+                log.warning(
+                    "replacing stale record of job %s (unit %s): its launcher (pid %d) is gone",
+                    old.jobid, old.unit, old.launcher_pid,
+                )
+            c.execute(
+                f"INSERT OR REPLACE INTO jobs ({', '.join(_JOB_COLUMNS)}) "
+                f"VALUES ({', '.join('?' * len(_JOB_COLUMNS))})",
+                values,
+            )
+
+    def update_job(self, jobid: str, **fields: object) -> None:
+        """Change some fields of a record; ``updated_at`` follows unless given.
+
+        A missing record is logged, not raised: losing the record must not kill a running job.
+        """
+        bad = set(fields) - _UPDATABLE
+        if bad:
+            raise TypeError(f"update_job: unknown field(s) {', '.join(sorted(bad))}")
+        now = time.time()
+        fields.setdefault("updated_at", now)
+        if "launcher_pid" in fields:
+            fields.setdefault("launcher_since", now)
+        names = sorted(fields)
+        values = [self._encode(n, fields[n]) for n in names]
+        with self._write() as c:
+            cur = c.execute(
+                f"UPDATE jobs SET {', '.join(f'{n} = ?' for n in names)} WHERE jobid = ?",
+                [*values, jobid],
+            )
+            if cur.rowcount == 0:
+                log.warning("state database: no record of job %s to update", jobid)
+
+    def get_job(self, jobid: str) -> JobRecord | None:
+        with self._read() as c:
+            return self._select_job(c, jobid)
+
+    def list_jobs(self, *, live_only: bool = False) -> list[JobRecord]:
+        query = f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs"
+        args: list[object] = []
+        if live_only:
+            query += f" WHERE state NOT IN ({', '.join('?' * len(FINAL_STATES))})"
+            args.extend(sorted(FINAL_STATES))
+        query += " ORDER BY created_at, jobid"
+        with self._read() as c:
+            return [self._row_to_job(row) for row in c.execute(query, args).fetchall()]
+
+    def remove_job(self, jobid: str) -> None:
+        with self._write() as c:
+            c.execute("DELETE FROM jobs WHERE jobid = ?", (jobid,))
+
+    # --- drain ----------------------------------------------------------------------------
+
+    def drain(
+        self, reason: str, *, jobid: str | None = None, unit: str | None = None
+    ) -> DrainRecord:
+        rec = DrainRecord(
+            reason=_one_line(reason) or "no reason given",
+            jobid=jobid,
+            unit=unit,
+            created_at=time.time(),
+            hostname=short_hostname(),
+        )
+        with self._write() as c:
+            c.execute(
+                "INSERT INTO drains (reason, jobid, unit, created_at, hostname) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (rec.reason, rec.jobid, rec.unit, rec.created_at, rec.hostname),
+            )
+        return rec
+
+    def drains(self) -> list[DrainRecord]:
+        with self._read() as c:
+            rows = c.execute(
+                "SELECT reason, jobid, unit, created_at, hostname FROM drains ORDER BY id"
+            ).fetchall()
+        return [DrainRecord(*row) for row in rows]
+
+    def clear_drain(self) -> int:
+        with self._write() as c:
+            return int(c.execute("DELETE FROM drains").rowcount)
+
+    def check_not_drained(self) -> None:
+        drains = self.drains()
+        if not drains:
+            return
+        first = drains[0]
+        more = f" (and {len(drains) - 1} more)" if len(drains) > 1 else ""
+        raise RefusedError(
+            f"node is drained: {first.reason} (since {format_time(first.created_at)}){more}; "
+            "run 'sdexec drain clear'"
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> StateDB:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

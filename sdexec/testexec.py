@@ -1,0 +1,236 @@
+"""testexec: simulated jobs that run no process, selected by the job attribute ``system.exec.test``.
+
+They let the whole launch path (policy, bookkeeping, cancel, reattach) be exercised without
+systemd or a real workload. Semantics follow Flux's testexec: no duration at all means "finish
+at once", a duration of 0 (or inf) means "run until cancelled", a cancel reports death by SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+import json
+import logging
+import math
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from .clock import Clock
+from .duration import parse_fsd
+from .errors import LaunchError, RefusedError, UsageError
+
+__all__ = ["PREFIX", "TestexecError", "TestexecSpec", "allowed", "run_testexec"]
+
+log = logging.getLogger(__name__)
+
+PREFIX = "system.exec.test"
+KEYS = ("run_duration", "wait_status", "mock_exception", "override", "reattach_finish")
+SIGTERM = 15  # the status of a cancelled simulated job: killed by SIGTERM (raw wait status)
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+MockPhase = Literal["init", "run"]
+
+
+class TestexecError(LaunchError):
+    """A mock exception asked for by ``system.exec.test.mock_exception``."""
+
+    __test__: ClassVar[bool] = False  # not a pytest test class, despite the name
+
+
+def _bool(key: str, value: str) -> bool:
+    v = value.strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise UsageError(f"{key}: {value!r} is not a boolean (true/false, 1/0)")
+
+
+def _json_to_attr(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _collect(attrs: Mapping[str, str]) -> dict[str, str] | None:
+    """The system.exec.test.* sub-keys, or None if testexec was not asked for."""
+    found = False
+    sub: dict[str, str] = {}
+    # the bare key may hold the whole table as JSON, as Flux's jobspec does
+    if PREFIX in attrs:
+        found = True
+        text = attrs[PREFIX].strip()
+        if text.startswith("{"):
+            try:
+                table = json.loads(text)
+            except ValueError:
+                raise UsageError(f"{PREFIX}: {text!r} is not a JSON object") from None
+            if not isinstance(table, dict):
+                raise UsageError(f"{PREFIX}: {text!r} is not a JSON object")
+            sub.update({str(k): _json_to_attr(v) for k, v in table.items()})
+    for key, value in attrs.items():
+        if key.startswith(PREFIX + "."):
+            found = True
+            sub[key[len(PREFIX) + 1 :]] = value
+    return sub if found else None
+
+
+@dataclass(frozen=True)
+class TestexecSpec:
+    """What a simulated job does; ``wait_status`` is the exit code it reports."""
+
+    __test__: ClassVar[bool] = False
+
+    run_duration: float | None = None
+    wait_status: int = 0
+    mock_exception: MockPhase | None = None
+    override: bool = False
+    reattach_finish: bool = False
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, str]) -> TestexecSpec | None:
+        sub = _collect(attrs)
+        if sub is None:
+            return None
+        for name in sub:
+            if name not in KEYS:
+                close = difflib.get_close_matches(name, KEYS, n=1)
+                hint = f" (did you mean {PREFIX}.{close[0]}?)" if close else ""
+                raise UsageError(
+                    f"{PREFIX}.{name}: unknown key{hint}; known keys: {', '.join(KEYS)}"
+                )
+
+        run_duration: float | None = None
+        if "run_duration" in sub:
+            key = f"{PREFIX}.run_duration"
+            try:
+                run_duration = parse_fsd(sub["run_duration"], key)
+            except ValueError as e:
+                raise UsageError(f"{key}: {e}") from None
+
+        wait_status = 0
+        if "wait_status" in sub:
+            key = f"{PREFIX}.wait_status"
+            text = sub["wait_status"].strip()
+            try:
+                wait_status = int(text)
+            except ValueError:
+                wait_status = -1
+            if not 0 <= wait_status <= 255:
+                raise UsageError(f"{key}: {text!r} is not an exit code (an integer 0-255)")
+
+        mock: MockPhase | None = None
+        if "mock_exception" in sub:
+            key = f"{PREFIX}.mock_exception"
+            text = sub["mock_exception"].strip()
+            if text == "init":
+                mock = "init"
+            elif text == "run":
+                mock = "run"
+            else:
+                raise UsageError(f"{key}: {text!r} is not a phase (init or run)")
+
+        return cls(
+            run_duration=run_duration,
+            wait_status=wait_status,
+            mock_exception=mock,
+            override=_bool(f"{PREFIX}.override", sub["override"]) if "override" in sub else False,
+            reattach_finish=(
+                _bool(f"{PREFIX}.reattach_finish", sub["reattach_finish"])
+                if "reattach_finish" in sub
+                else False
+            ),
+        )
+
+
+def allowed(spec: TestexecSpec, *, guest: bool, allow_guests: bool) -> None:
+    """Refuse a guest's simulated job unless ``exec.testexec.allow-guests`` is set."""
+    if guest and not allow_guests:
+        raise RefusedError(
+            f"guests may not use the test exec implementation ({PREFIX}); "
+            "it needs exec.testexec.allow-guests = true"
+        )
+
+
+async def _first(*aws: asyncio.Future[object]) -> set[asyncio.Future[object]]:
+    """Wait for the first of ``aws``; cancel and reap the rest. Returns the finished ones."""
+    try:
+        done, _ = await asyncio.wait(set(aws), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in aws:
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(*aws, return_exceptions=True)
+    return set(done)
+
+
+def _task(coro: Coroutine[Any, Any, object]) -> asyncio.Future[object]:
+    return asyncio.ensure_future(coro)
+
+
+async def run_testexec(
+    spec: TestexecSpec,
+    *,
+    jobid: str,
+    clock: Clock,
+    default_duration: float | None = None,
+    cancelled: asyncio.Event | None = None,
+    on_start: Callable[[], object] | None = None,
+    reattach_elapsed: float | None = None,
+    override_start: asyncio.Event | None = None,
+    override_finish: asyncio.Event | None = None,
+) -> int:
+    """Simulate one job and return its raw wait status (exit code N -> N << 8).
+
+    ``default_duration`` is the job's own time limit. ``on_start`` runs when the job counts
+    as started. ``reattach_elapsed`` (seconds since the recorded start) makes this a
+    reattach: only the remaining time runs, none if ``reattach_finish``. In ``override`` mode
+    the job starts only once ``override_start`` is set, and ``override_finish`` ends it early.
+    """
+    cancel = cancelled if cancelled is not None else asyncio.Event()
+    if spec.mock_exception == "init":
+        raise TestexecError(f"job {jobid}: mock init exception")
+    reattach = reattach_elapsed is not None
+
+    if spec.override and not reattach:
+        log.debug("testexec %s: waiting for the override start", jobid)
+        start_evt = override_start if override_start is not None else asyncio.Event()
+        starter = _task(start_evt.wait())
+        canceller = _task(cancel.wait())
+        done = await _first(starter, canceller)
+        if starter not in done:
+            log.debug("testexec %s: cancelled before it started", jobid)
+            return SIGTERM
+
+    if on_start is not None:
+        on_start()
+    log.debug("testexec %s: %s", jobid, "reattached" if reattach else "started")
+    if spec.mock_exception == "run":
+        raise TestexecError(f"job {jobid}: mock run exception")
+
+    duration = spec.run_duration if spec.run_duration is not None else default_duration
+    unlimited = duration is not None and (duration == 0 or math.isinf(duration))
+    remaining = 0.0
+    if duration is not None and not unlimited:
+        remaining = duration
+    if reattach_elapsed is not None:
+        if spec.reattach_finish:
+            unlimited, remaining = False, 0.0
+        elif not unlimited:
+            remaining = max(0.0, remaining - reattach_elapsed)
+
+    waiters: list[asyncio.Future[object]] = [_task(cancel.wait())]
+    canceller = waiters[0]
+    if not unlimited:
+        waiters.append(_task(clock.sleep_until(clock.now() + remaining)))
+    if spec.override and override_finish is not None:
+        waiters.append(_task(override_finish.wait()))
+    done = await _first(*waiters)
+    if canceller in done:
+        log.debug("testexec %s: cancelled", jobid)
+        return SIGTERM
+    status = spec.wait_status << 8
+    log.debug("testexec %s: finished with status %d", jobid, status)
+    return status

@@ -1,0 +1,346 @@
+"""StateDB: job and drain records shared by several launcher processes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sdexec.errors import LaunchError, RefusedError
+from sdexec.statedb import (
+    DB_NAME,
+    SCHEMA_VERSION,
+    JobRecord,
+    StateDB,
+    launcher_alive,
+)
+
+
+def _job(jobid: str, **kw: Any) -> JobRecord:
+    base: dict[str, Any] = {
+        "jobid": jobid,
+        "unit": f"shell-0-{jobid}.service",
+        "service": "sdexec",
+        "owner_uid": os.getuid(),
+        "manager": "system",
+        "launcher_pid": os.getpid(),
+        "state": "starting",
+        "created_at": time.time(),
+    }
+    base.update(kw)
+    return JobRecord(**base)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Any:
+    d = StateDB.open(str(tmp_path / "state"))
+    yield d
+    d.close()
+
+
+def _dead_pid() -> int:
+    """A pid that certainly belonged to a process that is gone (reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+# --- opening ------------------------------------------------------------------------------
+
+
+def test_open_creates_private_dir_and_wal_db(tmp_path: Path) -> None:
+    state = tmp_path / "a" / "state"
+    db = StateDB.open(str(state))
+    db.close()
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    dbfile = state / DB_NAME
+    assert stat.S_IMODE(dbfile.stat().st_mode) == 0o600
+    conn = sqlite3.connect(dbfile)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    finally:
+        conn.close()
+
+
+def test_open_twice_keeps_data(tmp_path: Path) -> None:
+    with StateDB.open(str(tmp_path / "s")) as db:
+        db.add_job(_job("f1"))
+    with StateDB.open(str(tmp_path / "s")) as db:
+        rec = db.get_job("f1")
+        assert rec is not None and rec.unit == "shell-0-f1.service"
+
+
+@pytest.mark.parametrize("mode", [0o770, 0o702, 0o777])
+def test_open_refuses_group_or_other_writable_dir(tmp_path: Path, mode: int) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    state.chmod(mode)
+    with pytest.raises(RefusedError, match=r"writable by group or others .*chmod go-w"):
+        StateDB.open(str(state))
+    assert not (state / DB_NAME).exists()
+
+
+def test_open_accepts_readable_dir(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    state.chmod(0o755)
+    StateDB.open(str(state)).close()
+
+
+def test_open_refuses_dir_not_owned_by_us(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    monkeypatch.setattr(os, "geteuid", lambda: os.stat(state).st_uid + 4242)
+    with pytest.raises(RefusedError, match=r"owned by uid \d+, not by us"):
+        StateDB.open(str(state))
+
+
+def test_open_refuses_a_file(tmp_path: Path) -> None:
+    f = tmp_path / "state"
+    f.write_text("")
+    with pytest.raises(RefusedError, match="not a directory"):
+        StateDB.open(str(f))
+
+
+def test_open_refuses_symlinked_db_file(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / DB_NAME).symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(RefusedError, match="cannot open state database"):
+        StateDB.open(str(state))
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_open_refuses_newer_schema(tmp_path: Path) -> None:
+    StateDB.open(str(tmp_path / "s")).close()
+    conn = sqlite3.connect(tmp_path / "s" / DB_NAME)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.commit()
+    conn.close()
+    with pytest.raises(RefusedError, match="schema version 2, newer"):
+        StateDB.open(str(tmp_path / "s"))
+
+
+def test_open_corrupt_file_is_a_clean_error(tmp_path: Path) -> None:
+    state = tmp_path / "s"
+    state.mkdir(mode=0o700)
+    (state / DB_NAME).write_bytes(b"this is not a database" * 100)
+    with pytest.raises(LaunchError, match="state database"):
+        StateDB.open(str(state))
+
+
+# --- jobs ---------------------------------------------------------------------------------
+
+
+def test_job_roundtrip_and_update(db: StateDB) -> None:
+    db.add_job(_job("f1", service="rexec"))
+    rec = db.get_job("f1")
+    assert rec is not None
+    assert rec.service == "rexec" and rec.state == "starting" and rec.pid is None
+    assert rec.updated_at > 0 and rec.launcher_since > 0
+    term = {"kill_count": 2, "exception_in_progress": True, "kill_timeout": 5.0}
+    db.update_job("f1", state="terminating", pid=1234, termination=term)
+    rec = db.get_job("f1")
+    assert rec is not None
+    assert (rec.state, rec.pid, rec.termination) == ("terminating", 1234, term)
+    db.update_job("f1", state="finished", exit_status=9, error="killed")
+    rec = db.get_job("f1")
+    assert rec is not None and (rec.exit_status, rec.error, rec.live) == (9, "killed", False)
+    assert db.get_job("nope") is None
+
+
+def test_update_rejects_unknown_field_and_state(db: StateDB) -> None:
+    db.add_job(_job("f1"))
+    with pytest.raises(TypeError, match="bogus"):
+        db.update_job("f1", bogus=1)
+    with pytest.raises(TypeError, match="jobid"):
+        db.update_job("f1", jobid="other")
+    with pytest.raises(ValueError, match="invalid job state"):
+        db.update_job("f1", state="sleeping")
+
+
+def test_update_missing_job_is_logged_not_raised(
+    db: StateDB, caplog: pytest.LogCaptureFixture
+) -> None:
+    db.update_job("ghost", state="running")
+    assert "no record of job ghost" in caplog.text
+    assert db.get_job("ghost") is None
+
+
+def test_list_and_remove(db: StateDB) -> None:
+    t = time.time()
+    db.add_job(_job("a", created_at=t))
+    db.add_job(_job("b", created_at=t + 1, state="running"))
+    db.add_job(_job("c", created_at=t + 2, state="finished"))
+    db.add_job(_job("d", created_at=t + 3, state="abandoned"))
+    assert [j.jobid for j in db.list_jobs()] == ["a", "b", "c", "d"]
+    assert [j.jobid for j in db.list_jobs(live_only=True)] == ["a", "b"]
+    db.remove_job("b")
+    db.remove_job("b")  # idempotent
+    assert [j.jobid for j in db.list_jobs()] == ["a", "c", "d"]
+
+
+def test_add_refuses_live_duplicate(db: StateDB) -> None:
+    db.add_job(_job("f1"))
+    with pytest.raises(RefusedError, match=r"job f1 is already running on this node \(unit shell-0-f1"):
+        db.add_job(_job("f1", unit="other.service"))
+    rec = db.get_job("f1")
+    assert rec is not None and rec.unit == "shell-0-f1.service"
+
+
+def test_add_replaces_stale_record(db: StateDB, caplog: pytest.LogCaptureFixture) -> None:
+    db.add_job(_job("f1", launcher_pid=_dead_pid(), state="running"))
+    db.add_job(_job("f1", unit="new.service"))
+    rec = db.get_job("f1")
+    assert rec is not None and rec.unit == "new.service" and rec.launcher_pid == os.getpid()
+    assert "stale record of job f1" in caplog.text
+
+
+def test_add_replaces_finished_record(db: StateDB) -> None:
+    db.add_job(_job("f1", state="finished"))
+    db.add_job(_job("f1", unit="again.service"))
+    rec = db.get_job("f1")
+    assert rec is not None and rec.unit == "again.service" and rec.state == "starting"
+
+
+def test_recycled_launcher_pid_is_stale(db: StateDB) -> None:
+    # our parent is alive and started before "now": a genuine live launcher
+    db.add_job(_job("f1", launcher_pid=os.getppid(), launcher_since=time.time()))
+    with pytest.raises(RefusedError):
+        db.add_job(_job("f1"))
+    # the same live pid, claimed before it was even started: a recycled pid, so stale
+    db.add_job(_job("f2", launcher_pid=os.getppid(), launcher_since=1.0))  # claimed in 1970
+    db.add_job(_job("f2", unit="mine.service"))
+    rec = db.get_job("f2")
+    assert rec is not None and rec.unit == "mine.service"
+
+
+def test_update_of_launcher_pid_restamps_launcher_since(db: StateDB) -> None:
+    db.add_job(_job("f1", launcher_pid=_dead_pid(), launcher_since=5.0))
+    db.update_job("f1", launcher_pid=os.getpid())  # re-attach
+    rec = db.get_job("f1")
+    assert rec is not None and rec.launcher_since > 5.0 and rec.launcher_alive()
+
+
+def test_launcher_alive() -> None:
+    assert launcher_alive(os.getpid())
+    assert not launcher_alive(0)
+    assert not launcher_alive(-5)
+    assert not launcher_alive(_dead_pid())
+    assert launcher_alive(os.getppid(), time.time())
+    assert not launcher_alive(os.getppid(), 1.0)
+
+
+def test_zombie_launcher_is_dead() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 5
+    import psutil
+
+    while psutil.Process(proc.pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    try:
+        assert not launcher_alive(proc.pid)
+    finally:
+        proc.wait()
+
+
+# --- drain --------------------------------------------------------------------------------
+
+
+def test_drain_records_and_refuses(db: StateDB) -> None:
+    db.check_not_drained()
+    assert db.drains() == []
+    rec = db.drain("unkillable user processes\nfor job f1", jobid="f1", unit="u.service")
+    assert rec.reason == "unkillable user processes for job f1"
+    assert rec.hostname and "." not in rec.hostname
+    db.drain("second")
+    drains = db.drains()
+    assert [d.reason for d in drains] == [rec.reason, "second"]
+    assert (drains[0].jobid, drains[0].unit) == ("f1", "u.service")
+    with pytest.raises(RefusedError) as exc:
+        db.check_not_drained()
+    msg = str(exc.value)
+    assert msg.startswith("node is drained: unkillable user processes for job f1 (since ")
+    assert msg.endswith("(and 1 more); run 'sdexec drain clear'")
+    assert "\n" not in msg
+    assert db.clear_drain() == 2
+    assert db.clear_drain() == 0
+    db.check_not_drained()
+
+
+def test_drain_visible_to_other_handle(tmp_path: Path) -> None:
+    a = StateDB.open(str(tmp_path / "s"))
+    b = StateDB.open(str(tmp_path / "s"))
+    try:
+        b.check_not_drained()
+        a.drain("by a")
+        with pytest.raises(RefusedError, match="by a"):
+            b.check_not_drained()
+    finally:
+        a.close()
+        b.close()
+
+
+# --- concurrency --------------------------------------------------------------------------
+
+_WORKERS = 4
+_OPS = 50
+
+
+def _worker(state_dir: str, n: int, barrier: Any, results: Any) -> None:
+    errors: list[str] = []
+    db = StateDB.open(state_dir)
+    barrier.wait()
+    try:
+        db.add_job(_job("shared", launcher_pid=os.getpid(), unit=f"w{n}.service"))
+        results.put(("shared-ok", n))
+    except RefusedError:
+        results.put(("shared-refused", n))
+    try:
+        for i in range(_OPS):
+            jobid = f"w{n}-{i}"
+            db.add_job(_job(jobid, launcher_pid=os.getpid()))
+            db.update_job(jobid, state="running", pid=1000 + i, termination={"i": i})
+            if i % 2:
+                db.remove_job(jobid)
+    except Exception as e:
+        errors.append(repr(e))
+    results.put(("errors", errors))
+    barrier.wait()  # keep our pid alive until every worker tried "shared"
+    db.close()
+
+
+def test_concurrent_writers(tmp_path: Path) -> None:
+    state_dir = str(tmp_path / "s")
+    StateDB.open(state_dir).close()
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(_WORKERS)
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(state_dir, n, barrier, results)) for n in range(_WORKERS)]
+    for p in procs:
+        p.start()
+    out = [results.get(timeout=30) for _ in range(2 * _WORKERS)]
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    assert [e for kind, e in out if kind == "errors"] == [[]] * _WORKERS
+    assert sum(1 for kind, _ in out if kind == "shared-ok") == 1
+    assert sum(1 for kind, _ in out if kind == "shared-refused") == _WORKERS - 1
+    with StateDB.open(state_dir) as db:
+        jobs = {j.jobid: j for j in db.list_jobs()}
+    expected = {f"w{n}-{i}" for n in range(_WORKERS) for i in range(0, _OPS, 2)} | {"shared"}
+    assert set(jobs) == expected
+    for jobid, j in jobs.items():
+        if jobid != "shared":
+            i = int(jobid.split("-")[1])
+            assert (j.state, j.pid, j.termination) == ("running", 1000 + i, {"i": i})
