@@ -382,7 +382,7 @@ def _parse_site(data: Mapping[str, Any], c: _Checker) -> SiteConfig:
         else:
             c.error((*P, "slice"), f'{_show(value)} is not a slice name (e.g. "sdexec.slice")')
     allow: list[str] = []
-    for name in c.strings(sd, (*P, "allow-properties"), '["CPUWeight", "TasksMax"]'):
+    for name in c.strings(sd, (*P, "allow-properties"), '["DevicePolicy", "ManagedOOMSwap"]'):
         if is_protected(name):
             c.error(
                 (*P, "allow-properties"),
@@ -391,7 +391,7 @@ def _parse_site(data: Mapping[str, Any], c: _Checker) -> SiteConfig:
         elif not re.fullmatch(r"[A-Z][A-Za-z0-9]*", name):
             c.error(
                 (*P, "allow-properties"),
-                f'{_show(name)} is not a systemd property name (e.g. "CPUWeight")',
+                f'{_show(name)} is not a systemd property name (e.g. "DevicePolicy")',
             )
         else:
             allow.append(name)
@@ -419,7 +419,8 @@ def _parse(data: Mapping[str, Any], file_of: FileOf, sources: tuple[str, ...]) -
     c = _Checker(file_of)
     d = ExecConfig()
     _check_top_level(data, c)
-    site = _parse_site(data, c)
+    site_checker = _Checker(file_of)  # read first (allow-properties), reported last
+    site = _parse_site(data, site_checker)
 
     P: Path = ("exec",)
     ex = c.table(data, P, "[exec]")
@@ -502,8 +503,9 @@ def _parse(data: Mapping[str, Any], file_of: FileOf, sources: tuple[str, ...]) -
         sdexec=site,
         sources=sources,
     )
-    if c.errors:
-        raise combine_errors(c.errors)
+    errors = [*c.errors, *site_checker.errors]
+    if errors:
+        raise combine_errors(errors)
     return config
 
 

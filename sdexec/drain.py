@@ -7,7 +7,8 @@ manager cannot be told; then the site's ``[sdexec] drain-command`` (if any) tell
     drain-command = ["scontrol", "update", "NodeName={hostname}", "State=DRAIN", "Reason={reason}"]
 
 Placeholders ``{hostname}`` (short name), ``{reason}``, ``{jobid}`` and ``{unit}`` are replaced
-inside each argv word; there is no shell, so a reason cannot inject anything. A failing or hung
+inside each argv word (``{{``/``}}`` for literal braces); there is no shell, so a reason cannot
+inject anything. A failing or hung
 command is logged, never raised: the local drain already holds.
 """
 
@@ -17,6 +18,7 @@ import asyncio
 import logging
 import os
 import signal
+import string
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -32,18 +34,36 @@ _STDERR_TAIL_CHARS = 500
 
 
 def expand_drain_command(template: Sequence[str], rec: DrainRecord) -> list[str]:
-    """Substitute the placeholders word by word (plain replace: other braces stay as they are)."""
+    """Substitute the placeholders in each word, with ``str.format`` quoting.
+
+    ``{{``/``}}`` are literal braces, as the config check tells users; an unknown placeholder
+    (which the config check rejects anyway) is kept as written rather than failing a drain.
+    """
     values = {
-        "{hostname}": rec.hostname,
-        "{reason}": rec.reason,
-        "{jobid}": rec.jobid or "",
-        "{unit}": rec.unit or "",
+        "hostname": rec.hostname,
+        "reason": rec.reason,
+        "jobid": rec.jobid or "",
+        "unit": rec.unit or "",
     }
     argv = []
     for word in template:
-        for key, value in values.items():
-            word = word.replace(key, value)
-        argv.append(word)
+        try:
+            parts = list(string.Formatter().parse(word))
+        except ValueError:  # a lone brace: take the word as it is
+            argv.append(word)
+            continue
+        out = []
+        for literal, name, spec, conv in parts:
+            out.append(literal)
+            if name is None:
+                continue
+            if name in values and not spec and conv is None:
+                out.append(values[name])
+            else:
+                out.append(
+                    "{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+                )
+        argv.append("".join(out))
     return argv
 
 
@@ -54,7 +74,7 @@ def _tail(data: bytes) -> str:
     return " | ".join(line for line in text.splitlines() if line.strip())
 
 
-async def run_drain_command(argv: Sequence[str], *, timeout: float) -> bool:
+async def run_drain_command(argv: Sequence[str], *, command_timeout: float) -> bool:
     """Run the site's drain command; True if it exited 0. Failures are logged, not raised."""
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -68,14 +88,14 @@ async def run_drain_command(argv: Sequence[str], *, timeout: float) -> bool:
         log.error("drain-command %s could not be run: %s", argv[0], e.strerror or e)
         return False
     try:
-        _, err = await asyncio.wait_for(proc.communicate(), timeout)
+        _, err = await asyncio.wait_for(proc.communicate(), command_timeout)
     except TimeoutError:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         await proc.wait()
-        log.error("drain-command %s timed out after %gs; killed it", argv[0], timeout)
+        log.error("drain-command %s timed out after %gs; killed it", argv[0], command_timeout)
         return False
     if proc.returncode != 0:
         status = (
@@ -97,7 +117,7 @@ async def drain_node(
     *,
     jobid: str | None,
     unit: str | None,
-    timeout: float = DRAIN_COMMAND_TIMEOUT_SEC,
+    command_timeout: float = DRAIN_COMMAND_TIMEOUT_SEC,
 ) -> DrainRecord:
     """Drain this node locally, then tell the resource manager if a command is configured."""
     rec = db.drain(reason, jobid=jobid, unit=unit)
@@ -109,5 +129,7 @@ async def drain_node(
     )
     template = tuple(cfg.sdexec.drain_command or ())
     if template:
-        await run_drain_command(expand_drain_command(template, rec), timeout=timeout)
+        await run_drain_command(
+            expand_drain_command(template, rec), command_timeout=command_timeout
+        )
     return rec

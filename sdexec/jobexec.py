@@ -206,14 +206,14 @@ async def start_job(
     db = _open_db(cfg)
     try:
         db.check_not_drained()
-        if service == "testexec":
-            return await _start_testexec(cfg, req, db)
-        if service == "rexec":
-            return await _start_rexec(cfg, req, db, stdin)
-        return await _start_sdexec(cfg, req, db, stdin)
     except BaseException:
         db.close()
         raise
+    if service == "testexec":
+        return await _start_testexec(cfg, req, db)
+    if service == "rexec":
+        return await _start_rexec(cfg, req, db, stdin)
+    return await _start_sdexec(cfg, req, db, stdin)
 
 
 async def _drain_cb(cfg: ExecConfig, db: StateDB, jobid: str, unit: str, reason: str) -> None:
@@ -262,8 +262,8 @@ async def _start_sdexec(cfg: ExecConfig, req: JobRequest, db: StateDB, stdin: in
             )
         )
     except BaseException:
-        await handle.close()
         db_remove(db, req.jobid)
+        await handle.close()
         raise
     return handle
 
@@ -313,8 +313,8 @@ async def _start_rexec(cfg: ExecConfig, req: JobRequest, db: StateDB, stdin: int
             on_update=_publisher(db, req.jobid),
         )
     except BaseException:
-        await handle.close()
         db_remove(db, req.jobid)
+        await handle.close()
         raise
     return handle
 

@@ -88,6 +88,7 @@ class Job:
     stop_timer: StopTimer | None = None
     state: us.UnitState = field(init=False, repr=False)
     keep_failed_unit: bool = False
+    _stop_requested: bool = False
     _gone: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _finished: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _channels: Channels | None = field(default=None, repr=False)
@@ -241,6 +242,17 @@ class Job:
     def _on_props(self, _path: str, changed: dict[str, Any]) -> None:
         for event in self.state.update(changed):
             self._on_event(event)
+        if (
+            self.state.phase is us.Phase.FINISHED
+            and not self._stop_requested
+            and self.state.active_state == "active"
+            and self.state.props.get("SubState") == "exited"
+        ):
+            # RemainAfterExit kept the unit for us to read the status: stop it now so
+            # leftovers are killed (and the stop timer runs if they resist). A failed unit
+            # is not stopped (that would erase its Result) but reset once gone.
+            self._stop_requested = True
+            self._spawn(self.launcher._stop(self))
         if self.stop_timer is not None and self.state.active_state:
             before = self.stop_timer.deadline()
             self.stop_timer.on_unit_state(self.state.active_state)
@@ -261,9 +273,6 @@ class Job:
             if self.termination is not None:
                 self.termination.on_exit()
                 self._term_wake.set()
-            # RemainAfterExit keeps the unit: stop it now so leftovers are killed
-            # (and the stop timer runs if they resist).
-            self._spawn(self.launcher._stop(self))
         elif isinstance(event, us.Deactivating):
             log.debug("%s: deactivating", self.unit)
             if self.stop_timer is not None and not any(
@@ -446,12 +455,12 @@ class Launcher:
                     f"job {spec.jobid}: systemd did not start {plan.name} within {timeout:g}s"
                 ) from None
             props = await self.manager.get_all(path)
+            job._on_props(path, props)
             if result != "done":
                 # A program that exits at once can fail the start job of a Type=exec
                 # unit: that is a run, not a failure to start, unless systemd says exec failed.
-                self._check_start_failure(job, result, props)
+                self._check_start_failure(job, result, job.state.props)
             job.stdin, job.stdout, job.stderr = await channels.open_streams()
-            job._on_props(path, props)
             problems = verify_applied(plan.extra, props)
             if problems:
                 raise LaunchError(f"job {spec.jobid}: {'; '.join(problems)}")

@@ -3,6 +3,8 @@
 Only properties we know how to convert are accepted. An arbitrary property could change who
 the job runs as or what it may touch, so anything else needs the site's explicit consent
 (``[sdexec] allow-properties``), and the properties sdexec sets itself are never overridable.
+Allowed raw properties are sent as D-Bus strings, as the reference does, so only properties
+systemd types as strings (DevicePolicy, ManagedOOMSwap...) work that way.
 """
 
 from __future__ import annotations
@@ -189,9 +191,9 @@ def _unsupported(name: str) -> str:
     if not close:
         lowered = {p.lower(): p for p in SUPPORTED_PROPERTIES}
         close = [lowered[name.lower()]] if name.lower() in lowered else []
-    hint = f"did you mean '{close[0]}'? " if close else ""
+    hint = f"; did you mean '{close[0]}'?" if close else ""
     return (
-        f"not a supported property; {hint}(one of {known}; "
+        f"not a supported property{hint} (one of {known}; "
         "a site may allow others with [sdexec] allow-properties)"
     )
 
@@ -227,7 +229,7 @@ def collect_properties(
         if name in allow_raw:
             if not _NAME_RE.fullmatch(name):
                 errors.append(
-                    ConfigError(key, "is not a systemd property name (e.g. CPUWeight)", file)
+                    ConfigError(key, "is not a systemd property name (e.g. DevicePolicy)", file)
                 )
             else:
                 props.append(UnitProperty(name, "s", value))

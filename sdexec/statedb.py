@@ -312,7 +312,9 @@ class StateDB:
                     )
                 log.warning(
                     "replacing stale record of job %s (unit %s): its launcher (pid %d) is gone",
-                    old.jobid, old.unit, old.launcher_pid,
+                    old.jobid,
+                    old.unit,
+                    old.launcher_pid,
                 )
             c.execute(
                 f"INSERT OR REPLACE INTO jobs ({', '.join(_JOB_COLUMNS)}) "

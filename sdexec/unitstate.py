@@ -114,6 +114,10 @@ class UnitState:
         return str(self.props.get("ActiveState", ""))
 
     def update(self, changed: Mapping[str, Any]) -> list[Event]:
+        if changed.get("LoadState") in ("not-found", "error"):
+            # The unit was already collected and systemd answered for a fresh stub of the
+            # same name: its zeros must not overwrite what the signals told us.
+            changed = {"ActiveState": "inactive", "SubState": "dead"}
         self.props.update(changed)
         events: list[Event] = []
         active = self.active_state

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -49,18 +50,27 @@ def _recorder(tmp_path: Path, exit_code: int = 0, stderr: str = "") -> tuple[str
     return _script(tmp_path, body), out
 
 
-def test_expand_replaces_inside_words_and_leaves_other_braces() -> None:
-    rec = DrainRecord("a reason; rm -rf /", "f1", "shell-0-f1.service", 0.0, "node7")
+def test_expand_replaces_inside_words_with_format_quoting() -> None:
+    rec = DrainRecord("a {reason}; rm -rf /", "f1", "shell-0-f1.service", 0.0, "node7")
     argv = expand_drain_command(
-        ["scontrol", "NodeName={hostname}", "Reason={reason}", "{jobid}/{unit}", "{other}", "{}"],
+        ["scontrol", "NodeName={hostname}", "Reason={reason}", "{jobid}/{unit}", "{{lit}}"],
         rec,
     )
     assert argv == [
-        "scontrol", "NodeName=node7", "Reason=a reason; rm -rf /",
-        "f1/shell-0-f1.service", "{other}", "{}",
+        "scontrol",
+        "NodeName=node7",
+        "Reason=a {reason}; rm -rf /",
+        "f1/shell-0-f1.service",
+        "{lit}",
     ]
     no_job = DrainRecord("r", None, None, 0.0, "n")
     assert expand_drain_command(["x{jobid}y", "{unit}"], no_job) == ["xy", ""]
+
+
+def test_expand_keeps_what_it_does_not_know() -> None:
+    rec = DrainRecord("r", None, None, 0.0, "n")
+    words = ["{other}", "{}", "{reason!r}", "{hostname:>9}", "lone { brace", "}"]
+    assert expand_drain_command(words, rec) == words
 
 
 async def test_drain_without_command_records_and_logs(
@@ -111,7 +121,8 @@ async def test_drain_command_timeout_kills_its_process_group(
     # a grandchild holding stderr open must not make the timeout wait for it
     script.write_text(f"#!/bin/sh\nsleep 60 &\necho $! > {pidfile}\nexec sleep 60\n")
     script.chmod(0o755)
-    rec = await drain_node(db, _cfg((str(script),)), "r", jobid=None, unit=None, timeout=0.2)
+    cfg = _cfg((str(script),))
+    rec = await drain_node(db, cfg, "r", jobid=None, unit=None, command_timeout=0.2)
     assert db.drains() == [rec]
     assert any("timed out after 0.2s" in r.getMessage() for r in caplog.records)
     pid = int(pidfile.read_text())
@@ -123,4 +134,4 @@ async def test_drain_command_timeout_kills_its_process_group(
         except psutil.NoSuchProcess:
             break
         assert time.monotonic() < deadline, "grandchild survived the timeout"
-        time.sleep(0.005)
+        await asyncio.sleep(0.005)

@@ -118,7 +118,7 @@ def test_near_miss_suggested() -> None:
 
 
 def test_allow_raw_passes_strings() -> None:
-    assert one("CPUWeight", "100", ("CPUWeight",)) == UnitProperty("CPUWeight", "s", "100")
+    assert one("DevicePolicy", "closed", ("DevicePolicy",)) == UnitProperty("DevicePolicy", "s", "closed")
     # a converted property stays converted even if also allowed raw
     assert one("MemoryMax", "1K", ("MemoryMax",)) == UnitProperty("MemoryMax", "t", 1024)
 

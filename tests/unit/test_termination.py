@@ -509,7 +509,7 @@ def policies(draw: st.DrawFn) -> KillPolicy:
     )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(
     policy=policies(),
     reason=st.sampled_from(["cancel", "timeout"]),
@@ -561,7 +561,7 @@ def test_property_sequence_is_sane(policy: KillPolicy, reason: Any, start: float
         assert waited <= policy.max_kill_timeout + 1e-6 * max(1.0, start)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(policy=policies())
 def test_property_max_kill_timeout_only_brings_drain_forward(policy: KillPolicy) -> None:
     unbounded = KillPolicy(**{**policy.__dict__, "max_kill_timeout": None})
