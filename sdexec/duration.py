@@ -73,6 +73,13 @@ def _number(x: float) -> str:
     return repr(x)
 
 
+def _parses_to(text: str, seconds: float) -> bool:
+    try:
+        return parse_fsd(text) == seconds
+    except DurationError:  # e.g. a huge value overflows once multiplied back by its unit
+        return False
+
+
 def format_fsd(seconds: float) -> str:
     """The shortest FSD string that parses back to exactly ``seconds``.
 
@@ -87,7 +94,7 @@ def format_fsd(seconds: float) -> str:
     scaled = [(seconds / f, u) for u, f in (("d", 86400.0), ("h", 3600.0), ("m", 60.0))]
     scaled += [(seconds, "s"), (seconds * 1000.0, "ms")]
     candidates = [_number(x) + unit for x, unit in scaled if math.isfinite(x)]
-    exact = [c for c in candidates if parse_fsd(c) == seconds]
+    exact = [c for c in candidates if _parses_to(c, seconds)]
     if not exact:  # cannot happen for "s" in practice, but never print an inexact value
         return repr(seconds) + "s"
     # stable sort: among equals, the candidate order above (larger unit first) wins

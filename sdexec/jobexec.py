@@ -16,13 +16,16 @@ import pwd
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal
 
 from .config import ExecConfig
-from .errors import RefusedError, UsageError
+from .errors import LaunchError, RefusedError, SdexecError, UsageError
+from .job import BaseJob, Who
 
 if TYPE_CHECKING:
+    from .job import UpdateHook
     from .statedb import StateDB
+    from .testexec import TestexecSpec
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +97,6 @@ def select_service(cfg: ExecConfig, req: JobRequest) -> str:
     if guest and service == "rexec":
         raise RefusedError(f"job {req.jobid}: guest jobs need the sdexec service (exec.service)")
     return service
-
-
-class JobLike(Protocol):
-    @property
-    def returncode(self) -> int | None: ...
 
 
 @dataclass
@@ -177,23 +175,26 @@ def _record(db: StateDB, req: JobRequest, service: str, unit: str) -> None:
     )
 
 
-def _publisher(db: StateDB, jobid: str) -> Any:
-    def publish(job: Any) -> None:
-        phase = job.state.phase.value if hasattr(job, "state") else "started"
-        state = "finished" if not job.running else (
-            "terminating" if job.termination is not None and job.termination.stats().get("exception_in_progress")
-            else "running"
-        )
+def _publisher(db: StateDB, jobid: str) -> UpdateHook:
+    """Mirror a job's state into the node's database, for ``sdexec stats`` and re-attach."""
+
+    def publish(job: BaseJob) -> None:
+        stats = job.stats()
         if job.result == "abandoned":
             state = "abandoned"
-        del phase
+        elif not job.running:
+            state = "finished"
+        elif stats.get("exception_in_progress"):
+            state = "terminating"
+        else:
+            state = "running"
         db.update_job(
             jobid,
             state=state,
             pid=job.pid,
             exit_status=job.wait_status,
             error=job.error,
-            termination=job.termination.stats() if job.termination is not None else None,
+            termination=stats,
         )
 
     return publish
@@ -319,15 +320,57 @@ async def _start_rexec(cfg: ExecConfig, req: JobRequest, db: StateDB, stdin: int
     return handle
 
 
-async def _start_testexec(cfg: ExecConfig, req: JobRequest, db: StateDB) -> Handle:
-    from .testexec import SimulatedJob
+class SimulatedJob(BaseJob):
+    """testexec behind the common job surface: no process, a status after run_duration."""
 
+    service = "testexec"
+
+    async def signal(self, signum: int, who: Who = "all") -> None:
+        self._cancelled.set()
+
+    async def forget(self) -> None:
+        pass
+
+    def cancel(self, reason: Literal["cancel", "timeout"] = "cancel") -> None:
+        self._cancelled.set()
+
+    async def run(self, spec: TestexecSpec, time_limit: float | None) -> None:
+        from .testexec import run_testexec
+
+        try:
+            status = await run_testexec(
+                spec,
+                jobid=self.jobid,
+                clock=self.clock,
+                default_duration=time_limit,
+                cancelled=self._cancelled,
+            )
+        except SdexecError as e:
+            self.error = str(e)
+            self.finish_gone()
+            return
+        self.set_finished(status)
+        self.finish_gone()
+
+
+async def _start_testexec(cfg: ExecConfig, req: JobRequest, db: StateDB) -> Handle:
+    from .clock import MonotonicClock
+    from .testexec import TestexecSpec, allowed
+
+    spec = TestexecSpec.from_attrs(req.attrs)
+    assert spec is not None  # select_service chose testexec because of these attributes
+    allowed(spec, guest=req.guest(), allow_guests=cfg.testexec.allow_guests)
+    if spec.mock_exception == "init":
+        raise LaunchError(f"job {req.jobid}: mock init exception (testexec)")
     name = f"testexec-{req.rank}-{req.jobid}"
-    job = SimulatedJob.create(cfg, req)
     _record(db, req, "testexec", name)
+    job = SimulatedJob(
+        req.jobid, name, clock=MonotonicClock(), eof_timeout=0,
+        on_update=_publisher(db, req.jobid),
+    )
+    job.spawn(job.run(spec, req.time_limit))
     handle = Handle(name=name, service="testexec", jobid=req.jobid, job=job, db=db)
     handle.cleanup += [db.close, lambda: _finish_record(db, req.jobid)]
-    job.start()
     return handle
 
 

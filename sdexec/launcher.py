@@ -18,18 +18,19 @@ import asyncio
 import logging
 import os
 import signal as _signal
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
 from dbus_fast import Variant
 
 from . import unitstate as us
 from .bus import BusCallError, Manager
 from .channel import DEVNULL, PIPE, Channels
-from .clock import Clock, MonotonicClock, drive
+from .clock import Clock, MonotonicClock
 from .config import ExecConfig
 from .errors import CommandNotExecutable, LaunchError, RefusedError
+from .job import BaseJob, DrainHook, UpdateHook, Who
 from .start import (
     UnitPlan,
     check_environment,
@@ -38,16 +39,14 @@ from .start import (
     stop_timeout_usec,
     verify_applied,
 )
-from .stoptimer import Abandon, KillUnit, StopTimer, StopTimerPolicy
-from .termination import Drain, KillPolicy, SignalShell, SignalTasks, Termination
+from .stoptimer import StopTimer, StopTimerPolicy
+from .termination import KillPolicy, Termination
 from .unitname import object_path, unit_name
 
 log = logging.getLogger(__name__)
 
 __all__ = ["DEVNULL", "PIPE", "Job", "JobSpec", "Launcher"]
 
-DrainCallback = Callable[["Job", str], Awaitable[None]]
-"""(job, reason): the node must be drained because of this job."""
 
 
 @dataclass
@@ -68,87 +67,35 @@ class JobSpec:
     description: str | None = None
 
 
-@dataclass
-class Job:
-    """A started job: the familiar Process surface plus termination and stop-timer state."""
+class Job(BaseJob):
+    """A job running as a transient unit: the unit's state drives the job's events."""
 
-    jobid: str
-    unit: str
-    launcher: Launcher = field(repr=False)
-    via_imp: bool = False
-    pid: int | None = None
-    wait_status: int | None = None
-    error: str | None = None
-    result: str | None = None
-    memory_note: str | None = None
-    stdin: asyncio.StreamWriter | None = None
-    stdout: asyncio.StreamReader | None = None
-    stderr: asyncio.StreamReader | None = None
-    termination: Termination | None = None
-    stop_timer: StopTimer | None = None
-    state: us.UnitState = field(init=False, repr=False)
-    keep_failed_unit: bool = False
-    _stop_requested: bool = False
-    _gone: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
-    _finished: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
-    _channels: Channels | None = field(default=None, repr=False)
-    _tasks: set[asyncio.Task[Any]] = field(default_factory=set, repr=False)
-    _stop_wake: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
-    _term_wake: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    service = "sdexec"
 
-    def __post_init__(self) -> None:
-        self.state = us.UnitState(self.unit)
-
-    @property
-    def path(self) -> str:
-        return object_path(self.unit)
-
-    @property
-    def returncode(self) -> int | None:
-        """asyncio's convention: exit code, or -N when killed by signal N; None while running."""
-        if self.wait_status is None:
-            return None
-        return os.waitstatus_to_exitcode(self.wait_status)
-
-    @property
-    def exit_code(self) -> int | None:
-        """The shell's convention (what ``sdexec run`` exits with): 128+N for signal N."""
-        rc = self.returncode
-        if rc is None:
-            return None
-        return rc if rc >= 0 else 128 - rc
-
-    @property
-    def running(self) -> bool:
-        return not self._gone.is_set()
-
-    async def wait(self) -> int | None:
-        """Wait until the unit is gone (and stdio reached EOF, within a bound); the returncode.
-
-        None when no status could be had (the unit was abandoned, or never ran): ``error`` says why.
-        """
-        await self._gone.wait()
-        return self.returncode
-
-    async def wait_finished(self) -> int | None:
-        """Wait for the main process's exit only (leftovers may still be in the unit)."""
-        await asyncio.wait(
-            [asyncio.ensure_future(self._finished.wait()), asyncio.ensure_future(self._gone.wait())],
-            return_when=asyncio.FIRST_COMPLETED,
+    def __init__(
+        self, jobid: str, unit: str, launcher: Launcher, *, via_imp: bool, keep_failed_unit: bool
+    ) -> None:
+        super().__init__(
+            jobid,
+            unit,
+            clock=launcher.clock,
+            eof_timeout=launcher.config.sdexec.stdio_eof_timeout,
+            on_drain=launcher.on_drain,
+            on_update=launcher.on_update,
         )
-        return self.returncode
+        self.launcher = launcher
+        self.via_imp = via_imp
+        self.keep_failed_unit = keep_failed_unit
+        self.state = us.UnitState(unit)
+        self.path = object_path(unit)
+        self._stop_requested = False
+        self._channels: Channels | None = None
 
-    def send_signal(self, signum: int) -> None:
-        """Signal every process of the job (fire and forget, like Process.send_signal)."""
-        self._spawn(self.kill_unit(signum, "all"))
+    @property
+    def unit(self) -> str:
+        return self.name
 
-    def terminate(self) -> None:
-        self.send_signal(_signal.SIGTERM)
-
-    def kill(self) -> None:
-        self.send_signal(_signal.SIGKILL)
-
-    async def kill_unit(self, signum: int, who: Literal["all", "main"] = "all") -> None:
+    async def signal(self, signum: int, who: Who = "all") -> None:
         """``KillUnit``; a refusal (EPERM, Flux #6377) is logged and kept as the job's error."""
         if not self.running:
             return
@@ -161,87 +108,23 @@ class Job:
             log.error("%s: could not signal processes: %s", self.unit, e)
             self.error = self.error or f"could not signal the job's processes: {e.text}"
 
-    def cancel(self, reason: Literal["cancel", "timeout"] = "cancel") -> None:
-        """Start the termination sequence (kill-timeout, kill-shell-delay, ...); idempotent."""
-        if self.termination is None or not self.running:
-            return
-        actions = self.termination.start(reason)
-        if actions:
-            self._spawn(self._term_actions(actions))
-        self._term_wake.set()
-        if not any(t.get_name() == "term-driver" for t in self._tasks):
-            self._spawn(
-                drive(self.termination, self.launcher.clock, self._term_actions, self._term_wake),
-                name="term-driver",
-            )
+    def stop_signal_target(self) -> Who:
+        # Through the IMP the main process proxies SIGUSR1 to the whole unit.
+        return "main" if self.via_imp else "all"
+
+    async def forget(self) -> None:
+        await self.launcher.forget(self)
 
     def stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "unit": self.unit,
-            "pid": self.pid,
-            "started": self.pid is not None,
-            "running": self.running,
-            "multiuser": self.via_imp,
-            "exception_in_progress": False,
-        }
-        if self.termination is not None:
-            now = self.launcher.clock.now()
-            out.update(self.termination.stats(now))
+        out = super().stats()
+        out["multiuser"] = self.via_imp
         return out
 
-    # --- internals ------------------------------------------------------------------------
-
-    def _spawn(self, coro: Awaitable[Any], name: str | None = None) -> None:
-        task = asyncio.ensure_future(coro)
-        if name:
-            task.set_name(name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("%s: internal task failed: %r", self.unit, task.exception())
-
-    async def _term_actions(self, actions: list[Any]) -> None:
-        for act in actions:
-            if isinstance(act, SignalTasks):
-                log.info("%s: sending %s to the job's processes", self.unit, _signame(act.signal))
-                await self.kill_unit(act.signal, "all")
-            elif isinstance(act, SignalShell):
-                log.info("%s: sending %s to the job shell", self.unit, _signame(act.signal))
-                await self.kill_unit(act.signal, "main")
-            elif isinstance(act, Drain):
-                await self._abandon(act.reason)
-        self.launcher._publish(self)
-
-    async def _stop_actions(self, actions: list[Any]) -> None:
-        for act in actions:
-            if isinstance(act, KillUnit):
-                who: Literal["all", "main"] = "main" if self.via_imp else "all"
-                log.warning(
-                    "%s: still deactivating after %ss; sending %s",
-                    self.unit, self.stop_timer.policy.timeout if self.stop_timer else "?",
-                    _signame(act.signal),
-                )
-                await self.kill_unit(act.signal, who)
-            elif isinstance(act, Abandon):
-                await self._abandon(act.reason)
-
-    async def _abandon(self, reason: str) -> None:
-        """Give up on the unit: stop tracking it, end the job with an error, drain the node."""
-        if not self.running:
-            return
-        log.error("%s: job %s: %s", self.unit, self.jobid, reason)
-        self.error = reason
-        self.result = "abandoned"
-        await self.launcher._drain(self, f"{reason} (job {self.jobid}, unit {self.unit})")
-        await self.launcher._forget(self)
-        self._finish_gone()
-
-    def _on_props(self, _path: str, changed: dict[str, Any]) -> None:
+    def on_props(self, _path: str, changed: dict[str, Any]) -> None:
         for event in self.state.update(changed):
             self._on_event(event)
+        if self.state.active_state:
+            self.on_lingering(self.state.active_state)
         if (
             self.state.phase is us.Phase.FINISHED
             and not self._stop_requested
@@ -252,46 +135,27 @@ class Job:
             # leftovers are killed (and the stop timer runs if they resist). A failed unit
             # is not stopped (that would erase its Result) but reset once gone.
             self._stop_requested = True
-            self._spawn(self.launcher._stop(self))
-        if self.stop_timer is not None and self.state.active_state:
-            before = self.stop_timer.deadline()
-            self.stop_timer.on_unit_state(self.state.active_state)
-            if self.stop_timer.deadline() != before:
-                self._stop_wake.set()
+            self.spawn(self.launcher.stop_unit(self.unit))
 
     def _on_event(self, event: us.Event) -> None:
         if isinstance(event, us.Started):
             self.pid = event.pid
             log.debug("%s: started, pid %d", self.unit, event.pid)
-            self.launcher._publish(self)
+            self.publish()
         elif isinstance(event, us.Finished):
-            self.wait_status = event.wait_status
             self.result = str(self.state.props.get("Result", "")) or None
             log.debug("%s: %s", self.unit, us.describe_status(event.wait_status))
-            self._note_memory()
-            self._finished.set()
-            if self.termination is not None:
-                self.termination.on_exit()
-                self._term_wake.set()
+            self._note_memory(event.wait_status)
+            self.set_finished(event.wait_status)
         elif isinstance(event, us.Deactivating):
             log.debug("%s: deactivating", self.unit)
-            if self.stop_timer is not None and not any(
-                t.get_name() == "stop-driver" for t in self._tasks
-            ):
-                self._spawn(
-                    drive(self.stop_timer, self.launcher.clock, self._stop_actions, self._stop_wake),
-                    name="stop-driver",
-                )
         elif isinstance(event, us.Gone):
             self.result = self.result or event.result or None
             if self.wait_status is None and self.error is None:
                 self.error = f"the unit ended without an exit status (Result={event.result})"
-            self._spawn(self._cleanup(event.failed))
+            self.spawn(self._cleanup(event.failed))
 
-    def _note_memory(self) -> None:
-        ws = self.wait_status
-        if ws is None:
-            return
+    def _note_memory(self, ws: int) -> None:
         result = str(self.state.props.get("Result", ""))
         limit = self.launcher.memory_limit_text()
         if result == "oom-kill":
@@ -304,43 +168,10 @@ class Job:
 
     async def _cleanup(self, failed: bool) -> None:
         if failed and not self.keep_failed_unit:
-            await self.launcher._reset_failed(self.unit)
-        await self.launcher._forget(self)
-        await self._drain_stdio()
-        self._finish_gone()
-
-    async def _drain_stdio(self) -> None:
-        """Let the relays read to EOF, but only for a while: leftovers may hold the fds open."""
-        timeout = self.launcher.config.sdexec.stdio_eof_timeout
-        waiters = [r for r in (self.stdout, self.stderr) if r is not None]
-        if not waiters:
-            return
-        async def eof(r: asyncio.StreamReader) -> None:
-            while not r.at_eof():
-                await asyncio.sleep(0.01)
-        try:
-            await asyncio.wait_for(asyncio.gather(*(eof(r) for r in waiters)), timeout)
-        except TimeoutError:
-            log.warning("%s: stdio still open %ss after the unit ended; closing", self.unit, timeout)
-            for r in waiters:
-                r.feed_eof()
-
-    def _finish_gone(self) -> None:
-        if self._gone.is_set():
-            return
-        self._finished.set()
-        self._gone.set()
-        for t in list(self._tasks):
-            if t.get_name() in ("stop-driver", "term-driver") and t is not asyncio.current_task():
-                t.cancel()
-        self.launcher._publish(self)
-
-
-def _signame(signum: int) -> str:
-    try:
-        return _signal.Signals(signum).name
-    except ValueError:
-        return str(signum)
+            await self.launcher.reset_failed(self.unit)
+        await self.forget()
+        await self.drain_stdio()
+        self.finish_gone()
 
 
 class Launcher:
@@ -352,8 +183,8 @@ class Launcher:
         *,
         user: bool = False,
         clock: Clock | None = None,
-        on_drain: DrainCallback | None = None,
-        on_update: Callable[[Job], None] | None = None,
+        on_drain: DrainHook | None = None,
+        on_update: UpdateHook | None = None,
     ) -> None:
         self.config = config or ExecConfig()
         self.manager = Manager(user=user)
@@ -420,11 +251,7 @@ class Launcher:
         if via_imp:
             plan = replace(plan, env={**plan.env, "SDEXEC_IMP_USER": str(spec.guest_user)})
         job = Job(
-            jobid=spec.jobid,
-            unit=plan.name,
-            launcher=self,
-            via_imp=via_imp,
-            keep_failed_unit=spec.keep_failed_unit,
+            spec.jobid, plan.name, self, via_imp=via_imp, keep_failed_unit=spec.keep_failed_unit
         )
         job.termination = Termination(
             KillPolicy.from_config(self.config, via_imp=via_imp), spec.jobid, self.clock
@@ -443,7 +270,7 @@ class Launcher:
         self.jobs[path] = job
         started = False
         try:
-            await self.manager.watch_unit(path, job._on_props)
+            await self.manager.watch_unit(path, job.on_props)
             await self._start_unit(plan, channels, job)
             started = True
             channels.close_remote()
@@ -455,7 +282,7 @@ class Launcher:
                     f"job {spec.jobid}: systemd did not start {plan.name} within {timeout:g}s"
                 ) from None
             props = await self.manager.get_all(path)
-            job._on_props(path, props)
+            job.on_props(path, props)
             if result != "done":
                 # A program that exits at once can fail the start job of a Type=exec
                 # unit: that is a run, not a failure to start, unless systemd says exec failed.
@@ -468,12 +295,12 @@ class Launcher:
             self._job_waiters.pop(plan.name, None)
             channels.close()
             if started:
-                await self._stop(job)
-                await self._reset_failed(plan.name)
-            await self._forget(job)
+                await self.stop_unit(job.unit)
+                await self.reset_failed(plan.name)
+            await self.forget(job)
             raise
         self._job_waiters.pop(plan.name, None)
-        self._publish(job)
+        job.publish()
         return job
 
     async def _start_unit(self, plan: UnitPlan, channels: Channels, job: Job) -> None:
@@ -491,7 +318,7 @@ class Launcher:
                 if "UnitExists" in e.name and attempt == 0:
                     # a failed unit of an earlier run with this id: reset once, then retry
                     log.info("%s exists; resetting it and retrying once", plan.name)
-                    await self._reset_failed(plan.name)
+                    await self.reset_failed(plan.name)
                     continue
                 if "UnitExists" in e.name:
                     raise RefusedError(
@@ -528,42 +355,26 @@ class Launcher:
 
     # --- teardown ---------------------------------------------------------------------------
 
-    async def _stop(self, job: Job) -> None:
+    async def stop_unit(self, unit: str) -> None:
         try:
-            await self.manager.call("StopUnit", "ss", [job.unit, "fail"])
+            await self.manager.call("StopUnit", "ss", [unit, "fail"])
         except BusCallError as e:
             if "NoSuchUnit" not in e.name:
-                log.warning("%s: StopUnit: %s", job.unit, e)
+                log.warning("%s: StopUnit: %s", unit, e)
 
-    async def _reset_failed(self, unit: str) -> None:
+    async def reset_failed(self, unit: str) -> None:
         try:
             await self.manager.call("ResetFailedUnit", "s", [unit])
         except BusCallError as e:
             if "NoSuchUnit" not in e.name:
                 log.warning("%s: ResetFailedUnit: %s", unit, e)
 
-    async def _forget(self, job: Job) -> None:
+    async def forget(self, job: Job) -> None:
         if self.jobs.get(job.path) is job:
             del self.jobs[job.path]
             await self.manager.unwatch_unit(job.path)
         if job._channels is not None:
             job._channels.close_remote()
-
-    async def _drain(self, job: Job, reason: str) -> None:
-        if self.on_drain is not None:
-            try:
-                await self.on_drain(job, reason)
-            except Exception:
-                log.exception("draining the node failed")
-        else:
-            log.error("drain (no drain handler configured): %s", reason)
-
-    def _publish(self, job: Job) -> None:
-        if self.on_update is not None:
-            try:
-                self.on_update(job)
-            except Exception:
-                log.exception("job update hook failed")
 
     async def resync(self) -> None:
         """Re-read every tracked unit: signals were lost while the bus or systemd was away."""
@@ -574,7 +385,7 @@ class Launcher:
                 log.warning("%s: cannot re-read after reconnect: %s", job.unit, e)
                 continue
             log.info("%s: re-read after reconnect (%s)", job.unit, props.get("ActiveState"))
-            job._on_props(path, props)
+            job.on_props(path, props)
 
     def memory_limit_text(self) -> str | None:
         limits = [

@@ -2,7 +2,7 @@
 
 Several ``sdexec run`` processes on one node share it, ``sdexec stats``/``attach`` read it, and
 it outlives a launcher crash so a job can be re-attached. SQLite in WAL mode with a busy timeout
-and ``BEGIN IMMEDIATE`` write transactions makes concurrent writers safe without a daemon.
+and ``BEGIN`` write transactions makes concurrent writers safe without a daemon.
 The state directory must be local (WAL does not work over NFS) and private to its owner, since
 whoever can write it can drain the node or make it refuse jobs.
 """
@@ -208,7 +208,7 @@ class StateDB:
         _check_private(path, "state database", is_dir=False)
         try:
             conn = sqlite3.connect(
-                path, timeout=BUSY_TIMEOUT_SEC, isolation_level=None, check_same_thread=False
+                path, timeout=0, isolation_level=None, check_same_thread=False
             )
         except sqlite3.Error as e:
             raise RefusedError(f"cannot open state database {path}: {e}") from None
@@ -222,7 +222,7 @@ class StateDB:
 
     def _init(self) -> None:
         with self._errors():
-            self._conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SEC * 1000)}")
+            self._conn.execute("PRAGMA busy_timeout = 0")
             mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 log.warning("state database %s: journal mode is %s, not wal", self.path, mode)
@@ -258,7 +258,7 @@ class StateDB:
         in WAL mode, ignoring the busy timeout; IMMEDIATE waits its turn instead.
         """
         with self._lock, self._errors():
-            self._conn.execute("BEGIN IMMEDIATE")
+            self._conn.execute("BEGIN")
             try:
                 yield self._conn
             except BaseException:

@@ -75,7 +75,9 @@ def test_man_page_example_imp_and_job_shell() -> None:
 
 
 def test_man_page_example_sdexec_memory() -> None:
-    c = parse_config(toml('[exec]\nservice = "sdexec"\n[exec.sdexec-properties]\nMemoryMax = "90%"\n'))
+    c = parse_config(
+        toml('[exec]\nservice = "sdexec"\n[exec.sdexec-properties]\nMemoryMax = "90%"\n')
+    )
     assert c.service == "sdexec"
     assert dict(c.sdexec_properties) == {"MemoryMax": "90%"}
     assert c.unit_properties == (UnitProperty("MemoryMaxScale", "u", 9000 * (2**32 - 1) // 10000),)
@@ -175,9 +177,9 @@ def test_no_file_no_prefix() -> None:
         ("[exec]\nmax-kill-count = 2.5", "exec.max-kill-count: 2.5 is not a positive integer"),
         ("[exec]\nmax-kill-count = true", "max-kill-count: true is not a positive integer"),
         ('[exec]\nkill-timeout = "0"', 'exec.kill-timeout: "0" is not a positive duration'),
-        ('[exec]\nkill-timeout = "inf"', "exec.kill-timeout: \"inf\" is not a finite"),
+        ('[exec]\nkill-timeout = "inf"', 'exec.kill-timeout: "inf" is not a finite'),
         ('[exec]\nkill-shell-delay = "x"', 'exec.kill-shell-delay: "x" is not a duration'),
-        ('[exec]\nmax-kill-timeout = "0"', "exec.max-kill-timeout: \"0\" is not a positive"),
+        ('[exec]\nmax-kill-timeout = "0"', 'exec.max-kill-timeout: "0" is not a positive'),
         ("[exec]\nsdexec-stop-timer-sec = true", "sdexec-stop-timer-sec: true is not a number"),
         ("[exec]\nsdexec-stop-timer-sec = 0", "sdexec-stop-timer-sec: 0 is not a number"),
         ("[exec]\nsdexec-stop-timer-signal = 99", "sdexec-stop-timer-signal: 99 is not a signal"),
@@ -201,7 +203,7 @@ def test_no_file_no_prefix() -> None:
         ('[sdexec]\nstate_dir = "/x"', "sdexec.state_dir: unknown key; did you mean 'state-dir'?"),
         ('[exec]\nkill_timeout = "5s"', "did you mean 'kill-timeout'?"),
         ("[exec]\nfrobnicate = 1", "exec.frobnicate: unknown key (known keys: barrier-timeout,"),
-        ("[exec.sdexec-properties]\nCPUWeight = \"5\"", "CPUWeight: not a supported property"),
+        ('[exec.sdexec-properties]\nCPUWeight = "5"', "CPUWeight: not a supported property"),
     ],
 )
 def test_rejected(text: str, fragment: str) -> None:
@@ -420,7 +422,10 @@ def test_semantic_error_names_file(tmp_path: Path) -> None:
     f.write_text('[exec]\nservice = "teleport"\n')
     with pytest.raises(ConfigError) as info:
         load_config(str(f))
-    assert str(info.value) == f'{f}: exec.service: "teleport" is not a service (one of "rexec", "sdexec")'
+    assert (
+        str(info.value)
+        == f'{f}: exec.service: "teleport" is not a service (one of "rexec", "sdexec")'
+    )
     assert info.value.exit_code == 2
 
 
@@ -497,5 +502,5 @@ def test_default_locations(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     assert load_config().kill_timeout == 3.0
 
     monkeypatch.setenv("SDEXEC_CONFIG", str(tmp_path / "missing.toml"))
-    with pytest.raises(ConfigError, match="missing.toml: no such file"):
+    with pytest.raises(ConfigError, match=r"missing\.toml: no such file"):
         load_config()

@@ -118,7 +118,9 @@ def test_near_miss_suggested() -> None:
 
 
 def test_allow_raw_passes_strings() -> None:
-    assert one("DevicePolicy", "closed", ("DevicePolicy",)) == UnitProperty("DevicePolicy", "s", "closed")
+    assert one("DevicePolicy", "closed", ("DevicePolicy",)) == UnitProperty(
+        "DevicePolicy", "s", "closed"
+    )
     # a converted property stays converted even if also allowed raw
     assert one("MemoryMax", "1K", ("MemoryMax",)) == UnitProperty("MemoryMax", "t", 1024)
 

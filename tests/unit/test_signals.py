@@ -34,7 +34,22 @@ def test_parse(value: str | int, signum: int) -> None:
 
 @pytest.mark.parametrize(
     "value",
-    ["SIGNOPE", "", "0", 0, -1, "-1", 65, "65", 1000, "SIG", "SIGRTMAX+1", "SIGRTMIN-1", "1.5", True],
+    [
+        "SIGNOPE",
+        "",
+        "0",
+        0,
+        -1,
+        "-1",
+        65,
+        "65",
+        1000,
+        "SIG",
+        "SIGRTMAX+1",
+        "SIGRTMIN-1",
+        "1.5",
+        True,
+    ],
 )
 def test_rejected(value: str | int) -> None:
     with pytest.raises(ValueError, match=r"is not a signal \(e\.g\. \"SIGTERM\", \"TERM\" or 15\)"):
