@@ -248,13 +248,13 @@ class LocalBarrierServer:
             await self._reply(writer, f"fail bad request {raw[:64]!r}: expected 'enter RANK'")
             return
         rank = int(words[1])
-        if self._outcome is not None:
-            await self._reply(writer, self._outcome)
-            return
         if rank >= self.size:
             await self._reply(writer, f"fail rank {rank} out of range (size {self.size})")
             return
-        if rank in self._entered:
+        if self._outcome is not None and self._outcome != "go":
+            await self._reply(writer, self._outcome)  # a late rank learns why it is too late
+            return
+        if rank in self._entered:  # once complete, every rank has entered
             await self._reply(writer, f"fail rank {rank} already entered")
             return
         self._entered.add(rank)

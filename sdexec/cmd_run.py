@@ -152,7 +152,9 @@ async def _run(cfg: ExecConfig, req: Any, service: str, *, json_out: bool) -> in
         sys.stderr.write(json.dumps(report) + "\n")
     if report.get("memory_note"):
         sys.stderr.write(f"sdexec: job {req.jobid}: {report['memory_note']}\n")
-    if rc is None:
+    if rc is None or report.get("result") == "abandoned":
+        # processes we could not kill: the node is drained and the job failed, whatever
+        # its main process's status was
         raise LaunchError(f"job {req.jobid}: {report.get('error') or 'no exit status'}")
     if report.get("error"):
         sys.stderr.write(f"sdexec: job {req.jobid}: {report['error']}\n")

@@ -232,6 +232,7 @@ class BaseJob(ABC):
         else:
             log.error("no drain handler: the node should be drained: %s", reason)
         await self.forget()
+        self.close_stdio()  # the processes we gave up on may hold them open forever
         self.finish_gone()
 
     async def drain_stdio(self) -> None:
@@ -253,8 +254,15 @@ class BaseJob(ABC):
                 "%s: stdio still open %gs after the job ended (leftover processes?); closing",
                 self.name, self.eof_timeout,
             )
-            for r in readers:
-                r.feed_eof()
+            self.close_stdio()
+
+    def close_stdio(self) -> None:
+        """Close our ends: readers then see EOF after what was already received."""
+        for r in (self.stdout, self.stderr):
+            # Closing the transport (not feed_eof) so late data cannot hit a closed reader.
+            transport = getattr(r, "_transport", None)
+            if transport is not None:
+                transport.close()
 
     def finish_gone(self) -> None:
         if self._gone.is_set():

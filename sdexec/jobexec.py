@@ -207,6 +207,8 @@ async def start_job(
     db = _open_db(cfg)
     try:
         db.check_not_drained()
+        if service == "sdexec":
+            await sweep_abandoned(cfg, db, user_manager=req.user_manager)
     except BaseException:
         db.close()
         raise
@@ -372,6 +374,44 @@ async def _start_testexec(cfg: ExecConfig, req: JobRequest, db: StateDB) -> Hand
     handle = Handle(name=name, service="testexec", jobid=req.jobid, job=job, db=db)
     handle.cleanup += [db.close, lambda: _finish_record(db, req.jobid)]
     return handle
+
+
+async def sweep_abandoned(cfg: ExecConfig, db: StateDB, *, user_manager: bool = False) -> list[str]:
+    """Reset the units of abandoned jobs that systemd has since stopped; return their names.
+
+    An abandoned unit is left as it is for post-mortem (Flux #5960) while the node is
+    drained; once systemd's own stop timeout has ended it, the next ``drain clear`` or the next
+    job on the node resets it, so failed units never pile up.
+    """
+    from .bus import BusCallError, Manager
+    from .unitname import object_path
+
+    manager_name = "user" if user_manager else "system"
+    recs = [r for r in db.list_jobs() if r.state == "abandoned" and r.manager == manager_name]
+    if not recs:
+        return []
+    cleaned = []
+    manager = Manager(user=user_manager)
+    await manager.connect()
+    try:
+        for rec in recs:
+            props = await manager.get_all(object_path(rec.unit))
+            state = props.get("ActiveState")
+            if props.get("LoadState") == "loaded" and state not in ("failed", "inactive"):
+                log.info("%s (abandoned job %s) is still %s", rec.unit, rec.jobid, state)
+                continue
+            if state == "failed":
+                try:
+                    await manager.call("ResetFailedUnit", "s", [rec.unit])
+                except BusCallError as e:
+                    log.warning("%s: ResetFailedUnit: %s", rec.unit, e)
+                    continue
+            db.remove_job(rec.jobid)
+            cleaned.append(rec.unit)
+            log.info("cleaned up %s of abandoned job %s", rec.unit, rec.jobid)
+    finally:
+        await manager.close()
+    return cleaned
 
 
 async def attach_job(cfg: ExecConfig, jobid: str, *, user_manager: bool, json_out: bool) -> int:

@@ -123,7 +123,7 @@ class Job(BaseJob):
     def on_props(self, _path: str, changed: dict[str, Any]) -> None:
         for event in self.state.update(changed):
             self._on_event(event)
-        if self.state.active_state:
+        if self.state.was_active:  # the "inactive" of a unit not yet started is no end
             self.on_lingering(self.state.active_state)
         if (
             self.state.phase is us.Phase.FINISHED

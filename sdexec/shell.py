@@ -8,17 +8,19 @@ It starts for every job, so it imports only the standard library, and subprocess
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Mapping, Sequence
-from types import FrameType
-from typing import NoReturn
+
+# typing and logging would cost more than the rest of the shell's start-up: types are for
+# mypy only, and the shell has nothing to log that its exit status does not say
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping, Sequence
+    from types import FrameType
+    from typing import NoReturn
 
 __all__ = ["FORWARDED_SIGNALS", "exit_like", "main", "run_shell", "spawn"]
-
-log = logging.getLogger(__name__)
 
 PROG = "sdexec-shell"
 USAGE = f"usage: {PROG} -- CMD [ARG...]"
@@ -91,7 +93,6 @@ def run_shell(argv: Sequence[str], env: Mapping[str, str]) -> int:
     finally:
         # signals that arrived meanwhile are delivered now, to handlers that know the pid
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-    log.debug("started %s as pid %d", argv[0], pid)
     # waitpid is retried after each handler runs (PEP 475)
     _, status = os.waitpid(pid, 0)
     return status

@@ -1,0 +1,1 @@
+"""Benchmarks of sdexec against systemd itself; not part of the test suite (see README.md)."""
