@@ -42,8 +42,12 @@ def timed(argv: Sequence[str], env: dict[str, str] | None = None) -> tuple[float
     """(seconds, exit code, stderr tail) of one run, output discarded."""
     t0 = time.perf_counter()
     p = subprocess.run(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        env=env, check=False,
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+        check=False,
     )
     dt = time.perf_counter() - t0
     return dt, p.returncode, p.stderr.decode(errors="replace")[-500:]
@@ -74,15 +78,18 @@ def parse_importtime(text: str) -> list[dict[str, Any]]:
         if not line.startswith("import time:") or "self [us]" in line:
             continue
         try:
-            self_s, cum_s, rest = line[len("import time:"):].split("|", 2)
+            self_s, cum_s, rest = line[len("import time:") :].split("|", 2)
             self_us, cum_us = int(self_s), int(cum_s)
         except ValueError:
             continue
         name = rest[1:]  # "| " then two spaces per nesting level
         depth = (len(name) - len(name.lstrip(" "))) // 2
         entry: dict[str, Any] = {
-            "module": name.strip(), "self_us": self_us, "cumulative_us": cum_us,
-            "depth": depth, "imported_by": None,
+            "module": name.strip(),
+            "self_us": self_us,
+            "cumulative_us": cum_us,
+            "depth": depth,
+            "imported_by": None,
         }
         while pending and pending[-1]["depth"] > depth:
             child = pending.pop()
@@ -122,9 +129,11 @@ def importtime_report(runs: list[str], top: int) -> dict[str, Any]:
     by_self = sorted(per.items(), key=lambda kv: -median(kv[1]["self"]))[:top]
     sdexec_mods = [(n, r) for n, r in per.items() if n == "sdexec" or n.startswith("sdexec.")]
     lazy = [
-        (n, r) for n, r in per.items()
+        (n, r)
+        for n, r in per.items()
         if not (n == "sdexec" or n.startswith("sdexec."))
-        and r["by"] is not None and (r["by"] == "sdexec" or r["by"].startswith("sdexec."))
+        and r["by"] is not None
+        and (r["by"] == "sdexec" or r["by"].startswith("sdexec."))
     ]
     lazy.sort(key=lambda kv: -median(kv[1]["cum"]))
     sdexec_mods.sort(key=lambda kv: -median(kv[1]["cum"]))
@@ -156,9 +165,11 @@ def main(args: argparse.Namespace) -> int:
     failures: list[str] = []
     leftover = 0
     try:
+
         def sdexec_run(i: int) -> float:
-            dt, rc, err = timed([*sdexec, "run", "--config", cfg, "--job", f"{prefix}-{i}",
-                                 "--", "/bin/true"])
+            dt, rc, err = timed(
+                [*sdexec, "run", "--config", cfg, "--job", f"{prefix}-{i}", "--", "/bin/true"]
+            )
             if rc != 0:
                 failures.append(f"sdexec run exit {rc}: {err.strip()}")
             return dt
@@ -180,24 +191,42 @@ def main(args: argparse.Namespace) -> int:
             else:
                 sr_times.append(systemd_run())
                 sd_times.append(sdexec_run(i))
-        log(f"sdexec run median {median(sd_times) * 1000:.1f} ms, "
-            f"systemd-run median {median(sr_times) * 1000:.1f} ms")
+        log(
+            f"sdexec run median {median(sd_times) * 1000:.1f} ms, "
+            f"systemd-run median {median(sr_times) * 1000:.1f} ms"
+        )
 
-        startup: dict[str, list[float]] = {"python -c pass": [], "python -c 'import sdexec.cli'": [],
-                                           "sdexec --help": []}
+        probes = {
+            "python -c pass": [py, "-c", "pass"],
+            "python -c 'import sdexec.cli'": [py, "-c", "import sdexec.cli"],
+            "sdexec --help": [*sdexec, "--help"],
+        }
+        startup: dict[str, list[float]] = {k: [] for k in probes}
         for _ in range(args.k_startup):
-            startup["python -c pass"].append(timed([py, "-c", "pass"])[0])
-            startup["python -c 'import sdexec.cli'"].append(timed([py, "-c", "import sdexec.cli"])[0])
-            startup["sdexec --help"].append(timed([*sdexec, "--help"])[0])
+            for name, cmd in probes.items():
+                startup[name].append(timed(cmd)[0])
 
         log(f"-X importtime on {args.importtime_runs} real 'sdexec run -- /bin/true'")
         texts = []
         for i in range(args.importtime_runs):
             p = subprocess.run(
-                [py, "-X", "importtime", "-c", "import sys; from sdexec.cli import main; "
-                 "sys.exit(main())", "run", "--config", cfg, "--job", f"{prefix}-it{i}",
-                 "--", "/bin/true"],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                [
+                    py,
+                    "-X",
+                    "importtime",
+                    "-c",
+                    "import sys; from sdexec.cli import main; sys.exit(main())",
+                    "run",
+                    "--config",
+                    cfg,
+                    "--job",
+                    f"{prefix}-it{i}",
+                    "--",
+                    "/bin/true",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
                 check=False,
             )
             if p.returncode != 0:
@@ -211,37 +240,52 @@ def main(args: argparse.Namespace) -> int:
     sd, sr = stats_ms(sd_times), stats_ms(sr_times)
     ratio = sd["median_ms"] / sr["median_ms"]
     met = ratio <= GOAL and not failures and leftover == 0
-    emit({
-        "benchmark": "cli_latency",
-        "goal": f"median(sdexec run) <= {GOAL} x median(systemd-run -q --pipe --wait), "
-        "every run exit 0",
-        "goal_met": met,
-        "ratio_of_medians": rnd(ratio, 2),
-        "ratio_of_p90s": rnd(sd["p90_ms"] / sr["p90_ms"], 2),
-        "sdexec_run": sd,
-        "systemd_run": sr,
-        "startup": {k: stats_ms(v) for k, v in startup.items()},
-        "imports_of_sdexec_run": imports,
-        "failures": failures[:5],
-        "leftover_units": leftover,
-        "params": {
-            "k": args.k,
-            "order": "interleaved, alternating which goes first",
-            "sdexec": [*sdexec, "run", "--config", cfg, "--job", f"{prefix}-N", "--", "/bin/true"],
-            "systemd_run": ["systemd-run", "-q", "--pipe", "--wait", "/bin/true"],
-            "python": py,
-            "k_startup": args.k_startup,
-            "stdio": "stdin /dev/null, stdout /dev/null, stderr a pipe",
-        },
-        "host": host_facts(),
-    })
+    emit(
+        {
+            "benchmark": "cli_latency",
+            "goal": f"median(sdexec run) <= {GOAL} x median(systemd-run -q --pipe --wait), "
+            "every run exit 0",
+            "goal_met": met,
+            "ratio_of_medians": rnd(ratio, 2),
+            "ratio_of_p90s": rnd(sd["p90_ms"] / sr["p90_ms"], 2),
+            "sdexec_run": sd,
+            "systemd_run": sr,
+            "startup": {k: stats_ms(v) for k, v in startup.items()},
+            "imports_of_sdexec_run": imports,
+            "failures": failures[:5],
+            "leftover_units": leftover,
+            "params": {
+                "k": args.k,
+                "order": "interleaved, alternating which goes first",
+                "sdexec": [
+                    *sdexec,
+                    "run",
+                    "--config",
+                    cfg,
+                    "--job",
+                    f"{prefix}-N",
+                    "--",
+                    "/bin/true",
+                ],
+                "systemd_run": ["systemd-run", "-q", "--pipe", "--wait", "/bin/true"],
+                "python": py,
+                "k_startup": args.k_startup,
+                "stdio": "stdin /dev/null, stdout /dev/null, stderr a pipe",
+            },
+            "host": host_facts(),
+        }
+    )
     return 0 if met else 1
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--k", type=int, default=30, help="runs of each command (default 30)")
-    p.add_argument("--k-startup", type=int, default=10, help="runs of each start-up probe (default 10)")
+    p.add_argument(
+        "--k-startup", type=int, default=10, help="runs of each start-up probe (default 10)"
+    )
     p.add_argument("--importtime-runs", type=int, default=5, help="-X importtime runs (default 5)")
     p.add_argument("--top", type=int, default=10, help="modules listed per ranking (default 10)")
     p.add_argument("--config", help="sdexec config (default: a temporary one, service sdexec)")

@@ -318,9 +318,7 @@ class RawClient:
         )
 
     async def _dbus(self, member: str, rule: str) -> None:
-        await self.call(
-            member, "s", [rule], path=DBUS_PATH, interface=DBUS, destination=DBUS
-        )
+        await self.call(member, "s", [rule], path=DBUS_PATH, interface=DBUS, destination=DBUS)
 
     async def _match(self, path: str) -> None:
         if self.namespace_match_at is not None:
@@ -375,7 +373,9 @@ class RawClient:
                     ["StandardErrorFileDescriptor", Variant("h", 2)],
                 ]
             await self.call(
-                "StartTransientUnit", "ssa(sv)a(sa(sv))", [name, "fail", props, []],
+                "StartTransientUnit",
+                "ssa(sv)a(sa(sv))",
+                [name, "fail", props, []],
                 unix_fds=fds,
             )
         except BaseException:
@@ -420,7 +420,7 @@ class RawClient:
 # --- cleanup ------------------------------------------------------------------------------
 
 
-async def cleanup_units(patterns: Iterable[str] = UNIT_PATTERNS, timeout: float = 60.0) -> int:
+async def cleanup_units(patterns: Iterable[str] = UNIT_PATTERNS, give_up_s: float = 60.0) -> int:
     """Kill, stop and reset-failed every bench unit left; how many there were.
 
     A fresh connection, so it still works when the benchmark's own one is what broke. It
@@ -433,8 +433,12 @@ async def cleanup_units(patterns: Iterable[str] = UNIT_PATTERNS, timeout: float 
 
     async def call(member: str, sig: str, body: list[Any]) -> list[Any]:
         msg = Message(
-            destination=SYSTEMD, path=MANAGER_PATH, interface=MANAGER_IFACE,
-            member=member, signature=sig, body=body,
+            destination=SYSTEMD,
+            path=MANAGER_PATH,
+            interface=MANAGER_IFACE,
+            member=member,
+            signature=sig,
+            body=body,
         )
         async with slots:
             reply = await bus.call(msg)
@@ -451,7 +455,7 @@ async def cleanup_units(patterns: Iterable[str] = UNIT_PATTERNS, timeout: float 
                 await call("StopUnit", "ss", [name, "replace"])
 
     found: set[str] = set()
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + give_up_s
     try:
         while True:
             units = (await call("ListUnitsByPatterns", "asas", [[], pats]))[0]
@@ -459,7 +463,7 @@ async def cleanup_units(patterns: Iterable[str] = UNIT_PATTERNS, timeout: float 
             found.update(n for n, _ in left)
             if not left or time.monotonic() > deadline:
                 if left:
-                    log(f"cleanup: {len(left)} bench units still there after {timeout:g}s")
+                    log(f"cleanup: {len(left)} bench units still there after {give_up_s:g}s")
                 break
             await asyncio.gather(*(dispose(n, a) for n, a in left))
             await asyncio.sleep(0.2)

@@ -88,7 +88,10 @@ async def raw_round(
         errors = await workers(n, c, one)
         dt = time.perf_counter() - t0
         cpu = meter.per_unit_ms(n)
-        extra = {"namespace_match_at": client.namespace_match_at, "units_still_tracked": len(client.units)}
+        extra = {
+            "namespace_match_at": client.namespace_match_at,
+            "units_still_tracked": len(client.units),
+        }
     finally:
         await client.close()
     return _round("raw", n, dt, errors, bad, cpu, extra)
@@ -174,68 +177,85 @@ async def main(args: argparse.Namespace) -> int:
     if profiler is not None:
         out = io.StringIO()
         pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(args.profile)
-        log("library rounds, costliest functions (the ratio is not valid when profiling):\n"
-            + out.getvalue())
+        log(
+            "library rounds, costliest functions (the ratio is not valid when profiling):\n"
+            + out.getvalue()
+        )
     lib = summarize([r for r in rounds if r["kind"] == "library"])
     raw = summarize([r for r in rounds if r["kind"] == "raw"])
     ratio = lib["units_per_s"] / raw["units_per_s"] if raw["units_per_s"] else float("nan")
     all_ok = lib["ok"] == lib["units"] and raw["ok"] == raw["units"]
     met = ratio >= GOAL and all_ok and leftover == 0 and profiler is None
-    emit({
-        "benchmark": "throughput",
-        "goal": f"library units/s >= {GOAL} x raw dbus-fast client units/s, every unit exit 0, "
-        "no unit left behind",
-        "goal_met": met,
-        "ratio": rnd(ratio),
-        "ratio_of_median_rounds": rnd(
-            lib["median_round_units_per_s"] / raw["median_round_units_per_s"]
-        ),
-        "library": lib,
-        "raw": raw,
-        "leftover_units": leftover,
-        "params": {
-            "n_per_round": args.n,
-            "concurrency": args.concurrency,
-            "rounds_each": args.rounds,
-            "order": "ABBA (library first in even rounds)",
-            "warmup_each": args.warmup,
-            "argv": argv,
-            "library_stdio": f"stdin=DEVNULL stdout={args.stdout.upper()} stderr=DEVNULL",
-            "raw_passes_devnull_fds": args.raw_fds,
-            "raw_reads_back_properties": args.raw_getall,
-            "raw_calls_per_unit": "AddMatch, StartTransientUnit, StopUnit (or ResetFailedUnit), "
-            "RemoveMatch; exit and inactive seen via PropertiesChanged",
-            "config": args.config,
-            "profiled": bool(args.profile),
-        },
-        "rounds": rounds,
-        "host": host_facts(),
-    })
+    emit(
+        {
+            "benchmark": "throughput",
+            "goal": f"library units/s >= {GOAL} x raw dbus-fast client units/s, every unit exit 0, "
+            "no unit left behind",
+            "goal_met": met,
+            "ratio": rnd(ratio),
+            "ratio_of_median_rounds": rnd(
+                lib["median_round_units_per_s"] / raw["median_round_units_per_s"]
+            ),
+            "library": lib,
+            "raw": raw,
+            "leftover_units": leftover,
+            "params": {
+                "n_per_round": args.n,
+                "concurrency": args.concurrency,
+                "rounds_each": args.rounds,
+                "order": "ABBA (library first in even rounds)",
+                "warmup_each": args.warmup,
+                "argv": argv,
+                "library_stdio": f"stdin=DEVNULL stdout={args.stdout.upper()} stderr=DEVNULL",
+                "raw_passes_devnull_fds": args.raw_fds,
+                "raw_reads_back_properties": args.raw_getall,
+                "raw_calls_per_unit": "AddMatch, StartTransientUnit, StopUnit (or ResetFailedUnit), "
+                "RemoveMatch; exit and inactive seen via PropertiesChanged",
+                "config": args.config,
+                "profiled": bool(args.profile),
+            },
+            "rounds": rounds,
+            "host": host_facts(),
+        }
+    )
     return 0 if met else 1
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--n", type=int, default=500, help="units per round (default 500)")
     p.add_argument("--concurrency", "-c", type=int, default=32, help="units in flight (default 32)")
     p.add_argument("--rounds", type=int, default=4, help="rounds of each client (default 4)")
-    p.add_argument("--warmup", type=int, default=50, help="unmeasured units of each first (default 50)")
+    p.add_argument(
+        "--warmup", type=int, default=50, help="unmeasured units of each first (default 50)"
+    )
     p.add_argument("--config", help="sdexec config for the launcher (default: built-in defaults)")
     p.add_argument(
-        "--stdout", choices=("devnull", "pipe"), default="devnull",
+        "--stdout",
+        choices=("devnull", "pipe"),
+        default="devnull",
         help="the library job's stdout (pipe: relayed and read to EOF; default devnull)",
     )
     p.add_argument(
-        "--raw-fds", action=argparse.BooleanOptionalAction, default=True,
+        "--raw-fds",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="the raw client hands systemd three /dev/null fds, as the launcher does (default on)",
     )
     p.add_argument(
-        "--raw-getall", action=argparse.BooleanOptionalAction, default=False,
+        "--raw-getall",
+        action=argparse.BooleanOptionalAction,
+        default=False,
         help="the raw client also reads every property back once started (GetAll), as the "
         "launcher does: shows how much of the gap that call is (default off)",
     )
     p.add_argument(
-        "--profile", type=int, metavar="K", default=0,
+        "--profile",
+        type=int,
+        metavar="K",
+        default=0,
         help="profile the library rounds and log the K costliest functions to stderr",
     )
     p.add_argument("argv", nargs="*", help="the unit's command (default /bin/true)")

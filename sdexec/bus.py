@@ -91,6 +91,7 @@ class Manager:
         self._connected = asyncio.Event()
         self._watch_task: asyncio.Task[None] | None = None
         self.reconnects = 0
+        self._bg: set[asyncio.Task[None]] = set()
 
     # --- connection -------------------------------------------------------------------------
 
@@ -131,7 +132,7 @@ class Manager:
             bus = self._bus
             if bus is None:
                 return
-            await bus.wait_for_disconnect()
+            await bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
             if self._closing:
                 return
             self._connected.clear()
@@ -219,9 +220,7 @@ class Manager:
         return list(reply.body)
 
     async def get_all(self, path: str, interface: str = "") -> dict[str, Any]:
-        body = await self.call(
-            "GetAll", "s", [interface], path=path, interface=PROPS_IFACE
-        )
+        body = await self.call("GetAll", "s", [interface], path=path, interface=PROPS_IFACE)
         return {k: unwrap(v) for k, v in body[0].items()}
 
     async def _add_match(self, rule: str) -> None:
@@ -298,12 +297,15 @@ class Manager:
             _id, job, unit, result = msg.body
             for jh in list(self._job_handlers):
                 jh(job, unit, result)
-        elif msg.member == "NameOwnerChanged" and msg.body and msg.body[0] == SYSTEMD:
-            if msg.body[2]:
-                # systemd re-executed (or restarted): it forgot our subscription and we
-                # may have missed signals in between.
-                log.warning("systemd re-registered on the bus; re-subscribing")
-                asyncio.get_running_loop().create_task(self._after_reexec())
+        elif (
+            msg.member == "NameOwnerChanged" and msg.body and msg.body[0] == SYSTEMD and msg.body[2]
+        ):
+            # systemd re-executed (or restarted): it forgot our subscription and we may
+            # have missed signals in between.
+            log.warning("systemd re-registered on the bus; re-subscribing")
+            task = asyncio.get_running_loop().create_task(self._after_reexec())
+            self._bg.add(task)
+            task.add_done_callback(self._bg.discard)
 
     async def _after_reexec(self) -> None:
         try:

@@ -71,7 +71,9 @@ class Channels:
 
     async def open_streams(
         self,
-    ) -> tuple[asyncio.StreamWriter | None, asyncio.StreamReader | None, asyncio.StreamReader | None]:
+    ) -> tuple[
+        asyncio.StreamWriter | None, asyncio.StreamReader | None, asyncio.StreamReader | None
+    ]:
         writer = reader_out = reader_err = None
         if "stdin" in self.local:
             _r, writer = await asyncio.open_unix_connection(sock=self.local.pop("stdin"))

@@ -37,6 +37,19 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def _natural(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (e.g. 0, 3)")
+    return int(text)
+
+
+def _positive(text: str) -> int:
+    n = _natural(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 1 or more")
+    return n
+
+
 def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config",
@@ -54,24 +67,43 @@ def _add_json(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sdexec", description="Run HPC jobs as transient systemd units.")
     parser.add_argument("--version", action="version", version=f"sdexec {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
     run = sub.add_parser("run", help="run one job and relay its stdio and exit status")
     _add_config(run)
     run.add_argument("--job", metavar="ID", help="job id (default: a fresh one)")
-    run.add_argument("--rank", type=int, default=0, metavar="N", help="shell rank on this node")
     run.add_argument(
-        "--setattr", action="append", default=[], metavar="KEY=VALUE",
+        "--rank", type=_natural, default=0, metavar="N", help="(first) shell rank on this node"
+    )
+    run.add_argument(
+        "--shells",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="shells of this job on the node (ranks RANK..RANK+N-1), meeting at the start barrier",
+    )
+    run.add_argument(
+        "--setattr",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="job attribute, e.g. system.exec.test.run_duration=1s (repeatable)",
     )
     run.add_argument("--user", action="store_true", help="use the calling user's systemd manager")
-    run.add_argument("--owner", metavar="USER", help="run the job as this user (guest jobs go through imp)")
+    run.add_argument(
+        "--owner", metavar="USER", help="run the job as this user (guest jobs go through imp)"
+    )
     run.add_argument("--time-limit", metavar="FSD", help="terminate the job after this duration")
     run.add_argument("--cwd", metavar="DIR", help="working directory (default: the current one)")
     run.add_argument(
-        "--env", action="append", default=[], metavar="KEY=VALUE",
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="set an environment variable for the job (repeatable)",
     )
     run.add_argument("--keep-unit", action="store_true", help="keep a failed unit for post-mortem")
@@ -81,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     attach = sub.add_parser("attach", help="re-attach to a job started by another sdexec process")
     _add_config(attach)
     attach.add_argument("--job", metavar="ID", required=True)
-    attach.add_argument("--user", action="store_true", help="use the calling user's systemd manager")
+    attach.add_argument(
+        "--user", action="store_true", help="use the calling user's systemd manager"
+    )
     _add_json(attach)
 
     config = sub.add_parser("config", help="configuration tools")

@@ -1,17 +1,26 @@
 """``sdexec drain list|clear|set``: this node's drain state, by hand.
 
 A drain set automatically (unkillable processes, abandoned unit) stays until an admin looks
-and clears it; ``set`` runs the same path as an automatic drain, site command included.
+and clears it; clearing also resets the units kept for post-mortem. ``set`` runs the same path
+as an automatic drain, site command included.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+from typing import TYPE_CHECKING
 
 from .cmd_stats import open_state
 from .errors import UsageError
+
+if TYPE_CHECKING:
+    from .config import ExecConfig
+    from .statedb import StateDB
+
+log = logging.getLogger(__name__)
 
 
 def list_(args: argparse.Namespace) -> int:
@@ -40,11 +49,33 @@ def list_(args: argparse.Namespace) -> int:
 
 
 def clear(args: argparse.Namespace) -> int:
-    _, db = open_state(args)
+    import asyncio
+
+    cfg, db = open_state(args)
     with db:
         n = db.clear_drain()
-    print(f"cleared {n} drain record{'s' if n != 1 else ''}" if n else "node was not drained")
+        print(f"cleared {n} drain record{'s' if n != 1 else ''}" if n else "node was not drained")
+        managers = sorted({r.manager for r in db.list_jobs() if r.state == "abandoned"})
+        for manager in managers:
+            units = asyncio.run(_sweep(cfg, db, user_manager=manager == "user"))
+            if units:
+                print(f"reset {len(units)} unit(s) of abandoned jobs: {', '.join(units)}")
     return 0
+
+
+async def _sweep(cfg: ExecConfig, db: StateDB, *, user_manager: bool) -> list[str]:
+    """Reset the units left for post-mortem: the admin has looked, since they cleared the drain.
+
+    Best effort: the drain is already cleared, and the next job on the node retries.
+    """
+    from .jobexec import sweep_abandoned
+
+    try:
+        return await sweep_abandoned(cfg, db, user_manager=user_manager)
+    except Exception as e:
+        manager = "user" if user_manager else "system"
+        log.warning("could not reset the units of abandoned jobs (%s manager): %s", manager, e)
+        return []
 
 
 def set_(args: argparse.Namespace) -> int:

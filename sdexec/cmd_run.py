@@ -1,4 +1,4 @@
-"""``sdexec run``: one job, its stdio relayed, its exit status as ours (``systemd-run --wait --pipe``).
+"""``sdexec run``: one job, stdio relayed, its exit status as ours (like ``systemd-run --wait --pipe``).
 
 Exit codes: the job's own exit code; 128+N when it was killed by signal N (not systemd-run's
 255, peer lessons); 2 for usage/config errors; 125 when the launcher failed or refused; 126/127
@@ -24,7 +24,12 @@ from .errors import LaunchError, UsageError
 
 log = logging.getLogger(__name__)
 
-STATE_BY_PHASE = {"new": "starting", "started": "running", "finished": "running", "gone": "finished"}
+STATE_BY_PHASE = {
+    "new": "starting",
+    "started": "running",
+    "finished": "running",
+    "gone": "finished",
+}
 
 
 def new_jobid() -> str:
@@ -82,6 +87,7 @@ def main(args: argparse.Namespace) -> int:
         user_manager=args.user,
         keep_failed_unit=args.keep_unit,
         time_limit=time_limit,
+        shells=args.shells,
     )
     service = select_service(cfg, req)
     return asyncio.run(_run(cfg, req, service, json_out=args.json))
@@ -122,7 +128,6 @@ async def _run(cfg: ExecConfig, req: Any, service: str, *, json_out: bool) -> in
     loop = asyncio.get_running_loop()
     handle = await start_job(cfg, req, service, stdin=0)
     try:
-        job = handle.job
         cancels = 0
 
         def on_signal(signum: int) -> None:
@@ -138,8 +143,9 @@ async def _run(cfg: ExecConfig, req: Any, service: str, *, json_out: bool) -> in
             cancel_timeout: Callable[[], None] = lambda: handle.cancel("timeout")  # noqa: E731
             timer = loop.call_later(req.time_limit, cancel_timeout)
         relays = [
-            asyncio.create_task(_relay(getattr(job, "stdout", None), 1)),
-            asyncio.create_task(_relay(getattr(job, "stderr", None), 2)),
+            asyncio.create_task(_relay(reader, fd))
+            for job in handle.jobs
+            for reader, fd in ((job.stdout, 1), (job.stderr, 2))
         ]
         rc = await handle.wait()
         await asyncio.gather(*relays, return_exceptions=True)
@@ -152,7 +158,7 @@ async def _run(cfg: ExecConfig, req: Any, service: str, *, json_out: bool) -> in
         sys.stderr.write(json.dumps(report) + "\n")
     if report.get("memory_note"):
         sys.stderr.write(f"sdexec: job {req.jobid}: {report['memory_note']}\n")
-    if rc is None or report.get("result") == "abandoned":
+    if rc is None or report.get("result") == "abandoned" or handle.error:
         # processes we could not kill: the node is drained and the job failed, whatever
         # its main process's status was
         raise LaunchError(f"job {req.jobid}: {report.get('error') or 'no exit status'}")

@@ -19,10 +19,12 @@ import logging
 import os
 import signal
 import string
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from .statedb import DrainRecord, StateDB
+from .errors import SdexecError
+from .statedb import DrainRecord, StateDB, short_hostname
 
 if TYPE_CHECKING:
     from .config import ExecConfig
@@ -119,8 +121,18 @@ async def drain_node(
     unit: str | None,
     command_timeout: float = DRAIN_COMMAND_TIMEOUT_SEC,
 ) -> DrainRecord:
-    """Drain this node locally, then tell the resource manager if a command is configured."""
-    rec = db.drain(reason, jobid=jobid, unit=unit)
+    """Drain this node locally, then tell the resource manager if a command is configured.
+
+    If the local record cannot be written, the command still runs and the error is re-raised.
+    """
+    failure: SdexecError | None = None
+    try:
+        rec = db.drain(reason, jobid=jobid, unit=unit)
+    except SdexecError as e:
+        # still tell the resource manager: this is the drain that matters most
+        log.error("could not record the drain locally: %s", e)
+        rec = DrainRecord(" ".join(reason.split()), jobid, unit, time.time(), short_hostname())
+        failure = e
     log.error(
         "draining node %s: %s%s",
         rec.hostname,
@@ -132,4 +144,6 @@ async def drain_node(
         await run_drain_command(
             expand_drain_command(template, rec), command_timeout=command_timeout
         )
+    if failure is not None:
+        raise failure
     return rec

@@ -97,7 +97,10 @@ class BaseJob(ABC):
 
     async def wait_finished(self) -> int | None:
         """Wait for the main process's exit only (leftovers may still run)."""
-        done = [asyncio.ensure_future(self._finished.wait()), asyncio.ensure_future(self._gone.wait())]
+        done = [
+            asyncio.ensure_future(self._finished.wait()),
+            asyncio.ensure_future(self._gone.wait()),
+        ]
         try:
             await asyncio.wait(done, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -194,7 +197,9 @@ class BaseJob(ABC):
     async def _term_actions(self, actions: list[Any]) -> None:
         for act in actions:
             if isinstance(act, SignalTasks):
-                log.info("%s: sending %s to the job's processes", self.name, signal_name(act.signal))
+                log.info(
+                    "%s: sending %s to the job's processes", self.name, signal_name(act.signal)
+                )
                 await self.signal(act.signal, "all")
             elif isinstance(act, SignalShell):
                 log.info("%s: sending %s to the job shell", self.name, signal_name(act.signal))
@@ -211,7 +216,8 @@ class BaseJob(ABC):
             if isinstance(act, KillUnit):
                 log.warning(
                     "%s: processes still there after the stop timer; sending %s",
-                    self.name, signal_name(act.signal),
+                    self.name,
+                    signal_name(act.signal),
                 )
                 await self.signal(act.signal, self.stop_signal_target())
             elif isinstance(act, Abandon):
@@ -236,7 +242,7 @@ class BaseJob(ABC):
         self.finish_gone()
 
     async def drain_stdio(self) -> None:
-        """Let the relays read to EOF, but only for a while: leftovers may hold the fds (Flux #6656)."""
+        """Let the relays read to EOF, but only for a while: leftovers may hold them (Flux #6656)."""
         readers = [r for r in (self.stdout, self.stderr) if r is not None]
         if not readers:
             return
@@ -252,7 +258,8 @@ class BaseJob(ABC):
         except TimeoutError:
             log.warning(
                 "%s: stdio still open %gs after the job ended (leftover processes?); closing",
-                self.name, self.eof_timeout,
+                self.name,
+                self.eof_timeout,
             )
             self.close_stdio()
 

@@ -13,11 +13,13 @@ import asyncio
 import logging
 import os
 import pwd
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from .channel import DEVNULL
 from .config import ExecConfig
 from .errors import LaunchError, RefusedError, SdexecError, UsageError
 from .job import BaseJob, Who
@@ -46,6 +48,7 @@ class JobRequest:
     user_manager: bool = False
     keep_failed_unit: bool = False
     time_limit: float | None = None
+    shells: int = 1  # shells of this job on this node: ranks rank .. rank+shells-1
 
     def owner_uid(self) -> int:
         if self.owner is None:
@@ -64,17 +67,17 @@ def select_service(cfg: ExecConfig, req: JobRequest) -> str:
     guest = req.guest()
     if guest and os.getuid() != 0 and req.owner is not None:
         raise RefusedError(
-            f"--owner: only the instance owner (root) may run jobs for other users, not uid {os.getuid()}"
+            "--owner: only the instance owner (root) may run jobs for other users, "
+            f"not uid {os.getuid()}"
         )
     if any(k == TEST_PREFIX or k.startswith(TEST_PREFIX + ".") for k in req.attrs):
         return "testexec"
-    unknown = [
-        k for k in req.attrs if k.startswith("system.exec.") and k != SERVICE_ATTR
-    ]
+    unknown = [k for k in req.attrs if k.startswith("system.exec.") and k != SERVICE_ATTR]
     if unknown:
         raise UsageError(
             f"--setattr: unknown attribute {unknown[0]!r} (known: {SERVICE_ATTR}, "
-            f"{TEST_PREFIX}.run_duration, .wait_status, .mock_exception, .override, .reattach_finish)"
+            f"{TEST_PREFIX}.run_duration, .wait_status, .mock_exception, .override, "
+            ".reattach_finish)"
         )
     service = cfg.service
     wanted = req.attrs.get(SERVICE_ATTR)
@@ -86,12 +89,13 @@ def select_service(cfg: ExecConfig, req: JobRequest) -> str:
             )
         if wanted not in SERVICES:
             raise UsageError(
-                f"--setattr {SERVICE_ATTR}: {wanted!r} is not a service (one of \"rexec\", \"sdexec\")"
+                f'--setattr {SERVICE_ATTR}: {wanted!r} is not a service (one of "rexec", "sdexec")'
             )
         service = wanted
     if guest and not cfg.imp:
         raise RefusedError(
-            f"job {req.jobid}: owner {req.owner} is not the instance owner and exec.imp is not set: "
+            f"job {req.jobid}: owner {req.owner} is not the instance owner and exec.imp "
+            "is not set: "
             "guest jobs run only through the IMP"
         )
     if guest and service == "rexec":
@@ -101,47 +105,73 @@ def select_service(cfg: ExecConfig, req: JobRequest) -> str:
 
 @dataclass
 class Handle:
-    """One running job of any implementation, with its record in the node's state."""
+    """One job on this node (one shell per rank here), whatever the implementation."""
 
-    name: str
-    service: str
     jobid: str
-    job: Any
+    service: str
+    jobs: list[BaseJob] = field(default_factory=list)
     db: StateDB | None = None
+    error: str | None = None  # a job-level failure (barrier), beyond the shells' own
     cleanup: list[Any] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return ", ".join(j.name for j in self.jobs) or self.jobid
 
     def cancel(self, reason: Literal["cancel", "timeout"] = "cancel") -> None:
-        self.job.cancel(reason)
+        for job in self.jobs:
+            job.cancel(reason)
 
     async def wait(self) -> int | None:
-        await self.job.wait()
+        await asyncio.gather(*(job.wait() for job in self.jobs))
         return self.exit_code()
 
     def exit_code(self) -> int | None:
-        rc: int | None = self.job.returncode
-        if rc is None:
+        """The highest of the shells' exit codes (128+N for signal N), as Flux reports a job."""
+        codes = [job.exit_code for job in self.jobs]
+        if not codes or any(c is None for c in codes):
             return None
-        return rc if rc >= 0 else 128 - rc
+        return max(c for c in codes if c is not None)
 
     def report(self) -> dict[str, Any]:
-        job = self.job
-        rc = job.returncode
+        shells: list[dict[str, Any]] = [
+            {
+                "unit": job.name,
+                "pid": job.pid,
+                "returncode": job.returncode,
+                "exit_code": job.exit_code,
+                "signal": -(job.returncode or 0) if (job.returncode or 0) < 0 else None,
+                "result": job.result,
+                "error": job.error,
+                "memory_note": job.memory_note,
+            }
+            for job in self.jobs
+        ]
+        first = shells[0] if shells else {}
+        errors = [str(e) for e in [self.error, *(s["error"] for s in shells)] if e]
         return {
             "jobid": self.jobid,
             "service": self.service,
-            "unit": getattr(job, "unit", None),
-            "pid": getattr(job, "pid", None),
-            "returncode": rc,
+            **{k: first.get(k) for k in ("unit", "pid", "returncode", "signal")},
             "exit_code": self.exit_code(),
-            "signal": -rc if rc is not None and rc < 0 else None,
-            "result": getattr(job, "result", None),
-            "error": getattr(job, "error", None),
-            "memory_note": getattr(job, "memory_note", None),
-            **self.extra,
+            "result": "abandoned"
+            if any(s["result"] == "abandoned" for s in shells)
+            else first.get("result"),
+            "error": "; ".join(errors) or None,
+            "memory_note": next((s["memory_note"] for s in shells if s["memory_note"]), None),
+            "shells": shells,
         }
 
     async def close(self) -> None:
+        """Undo whatever is still there: running shells are killed (a half-started job)."""
+        running = [job for job in self.jobs if job.running]
+        for job in running:
+            job.kill()
+        if running:
+            try:
+                await asyncio.wait_for(asyncio.gather(*(j.wait() for j in running)), 30)
+            except TimeoutError:
+                log.error("job %s: shells still running after SIGKILL", self.jobid)
         for item in reversed(self.cleanup):
             try:
                 res = item()
@@ -158,12 +188,12 @@ def _open_db(cfg: ExecConfig) -> StateDB:
     return StateDB.open(cfg.sdexec.resolved_state_dir())
 
 
-def _record(db: StateDB, req: JobRequest, service: str, unit: str) -> None:
+def _record(db: StateDB, req: JobRequest, key: str, service: str, unit: str) -> None:
     from .statedb import JobRecord
 
     db.add_job(
         JobRecord(
-            jobid=req.jobid,
+            jobid=key,
             unit=unit,
             service=service,
             owner_uid=req.owner_uid(),
@@ -200,126 +230,188 @@ def _publisher(db: StateDB, jobid: str) -> UpdateHook:
     return publish
 
 
-async def start_job(
-    cfg: ExecConfig, req: JobRequest, service: str, *, stdin: int
-) -> Handle:
-    """Start ``req`` with ``service``; the handle's close() removes every trace but records."""
+def record_key(jobid: str, rank: int, shells: int) -> str:
+    """The state db holds one record per shell: the job id itself when the node runs one."""
+    return jobid if shells == 1 else f"{jobid}.{rank}"
+
+
+async def start_job(cfg: ExecConfig, req: JobRequest, service: str, *, stdin: int) -> Handle:
+    """Start ``req``'s shells with ``service``; ``close()`` on the handle undoes everything.
+
+    Nothing is started for a refused job; a job whose second shell fails to start has its
+    first one killed; a record stays only for an abandoned shell (for post-mortem).
+    """
     db = _open_db(cfg)
+    handle = Handle(jobid=req.jobid, service=service, db=db)
+    handle.cleanup.append(db.close)
     try:
         db.check_not_drained()
         if service == "sdexec":
             await sweep_abandoned(cfg, db, user_manager=req.user_manager)
+        if service == "testexec":
+            await _start_testexec(cfg, req, handle)
+        else:
+            await _start_shells(cfg, req, handle, stdin)
     except BaseException:
-        db.close()
+        await handle.close()
         raise
-    if service == "testexec":
-        return await _start_testexec(cfg, req, db)
-    if service == "rexec":
-        return await _start_rexec(cfg, req, db, stdin)
-    return await _start_sdexec(cfg, req, db, stdin)
+    return handle
 
 
-async def _drain_cb(cfg: ExecConfig, db: StateDB, jobid: str, unit: str, reason: str) -> None:
+async def _drain(cfg: ExecConfig, db: StateDB, reason: str, jobid: str, unit: str | None) -> None:
     from .drain import drain_node
 
     await drain_node(db, cfg, reason, jobid=jobid, unit=unit)
 
 
-async def _start_sdexec(cfg: ExecConfig, req: JobRequest, db: StateDB, stdin: int) -> Handle:
-    from .launcher import JobSpec, Launcher
-    from .unitname import unit_name
+def _shell_prefix(cfg: ExecConfig, req: JobRequest) -> tuple[str, ...]:
+    """The job shell the command runs under: configured, else ours when one is needed.
 
-    guest = req.guest()
-    unit = unit_name(req.jobid, req.rank, guest=guest)
-    shell: tuple[str, ...] = ()
+    Without a barrier or the IMP the command is the unit's main process itself, which keeps
+    a job's start as cheap as systemd-run's; guests and multi-shell jobs need a shell.
+    """
     if cfg.job_shell:
-        shell = (cfg.job_shell, "--")
-    elif guest:
-        shell = (_builtin_shell_python(), "-m", "sdexec.shell", "--")
-    env = dict(req.env)
-    env.update(SDEXEC_JOBID=req.jobid, SDEXEC_RANK=str(req.rank), SDEXEC_SIZE="1")
+        return (cfg.job_shell, "--")
+    if req.guest() or req.shells > 1:
+        return (sys.executable, "-m", "sdexec.shell", "--")
+    return ()
 
-    async def on_drain(job: Any, reason: str) -> None:
-        await _drain_cb(cfg, db, req.jobid, job.unit, reason)
 
-    launcher = Launcher(
-        cfg, user=req.user_manager, on_drain=on_drain, on_update=_publisher(db, req.jobid)
-    )
-    _record(db, req, "sdexec", unit)
-    handle = Handle(name=unit, service="sdexec", jobid=req.jobid, job=None, db=db)
-    handle.cleanup += [db.close, lambda: _finish_record(db, req.jobid)]
-    try:
+async def _start_shells(cfg: ExecConfig, req: JobRequest, handle: Handle, stdin: int) -> None:
+    db = handle.db
+    assert db is not None
+    guest = req.guest()
+    shell = _shell_prefix(cfg, req)
+    barrier_path = None
+    if req.shells > 1:
+        barrier_path = await _start_barrier(cfg, req, handle)
+    launcher = None
+    if handle.service == "sdexec":
+        from .launcher import Launcher
+
+        launcher = Launcher(cfg, user=req.user_manager)
         await launcher.connect()
         handle.cleanup.append(launcher.close)
-        handle.job = await launcher.start(
-            JobSpec(
+    for rank in range(req.rank, req.rank + req.shells):
+        key = record_key(req.jobid, rank, req.shells)
+        env = dict(req.env)
+        env.update(SDEXEC_JOBID=req.jobid, SDEXEC_RANK=str(rank), SDEXEC_SIZE=str(req.shells))
+        if barrier_path:
+            env["SDEXEC_BARRIER"] = barrier_path
+
+        async def on_drain(job: BaseJob, reason: str) -> None:
+            await _drain(cfg, db, reason, req.jobid, job.name)
+
+        on_update = _publisher(db, key)
+        if launcher is not None:
+            from .launcher import JobSpec
+            from .unitname import unit_name
+
+            _record(db, req, key, "sdexec", unit_name(req.jobid, rank, guest=guest))
+            spec = JobSpec(
                 jobid=req.jobid,
                 argv=list(req.argv),
                 env=env,
                 cwd=req.cwd,
-                rank=req.rank,
-                stdin=stdin,
+                rank=rank,
+                stdin=stdin if rank == req.rank else DEVNULL,
                 guest_user=req.owner if guest else None,
                 shell=shell,
                 keep_failed_unit=req.keep_failed_unit,
             )
-        )
-    except BaseException:
-        db_remove(db, req.jobid)
-        await handle.close()
-        raise
-    return handle
+            try:
+                job: BaseJob = await launcher.start(spec, on_drain=on_drain, on_update=on_update)
+            except BaseException:
+                db_remove(db, key)
+                raise
+        else:
+            from .rexec import RexecJob
+
+            name = f"rexec-{rank}-{req.jobid}"
+            _record(db, req, key, "rexec", name)
+            try:
+                job = await RexecJob.start(
+                    cfg,
+                    jobid=req.jobid,
+                    argv=[*shell, *req.argv],
+                    env=env,
+                    cwd=req.cwd,
+                    stdin=stdin if rank == req.rank else DEVNULL,
+                    name=name,
+                    on_drain=on_drain,
+                    on_update=on_update,
+                )
+            except BaseException:
+                db_remove(db, key)
+                raise
+        handle.jobs.append(job)
+        handle.cleanup.append(lambda key=key: _finish_record(db, key))
 
 
-def db_remove(db: StateDB, jobid: str) -> None:
+async def _start_barrier(cfg: ExecConfig, req: JobRequest, handle: Handle) -> str:
+    """Serve the shells' start barrier here; on expiry: job error, cancel, drain."""
+    import tempfile
+
+    from .barrier import BarrierError, LocalBarrierServer
+    from .clock import MonotonicClock
+
+    db = handle.db
+    assert db is not None
+    rundir = tempfile.mkdtemp(prefix="sdexec-barrier-")
+    os.chmod(rundir, 0o711)  # guests' shells must reach the socket (owned by them) inside
+    path = os.path.join(rundir, "barrier.sock")
+    server = LocalBarrierServer(
+        path,
+        req.shells,
+        cfg.barrier_timeout,
+        MonotonicClock(),
+        owner_uid=req.owner_uid() if req.guest() else None,
+    )
+    await server.start()
+
+    async def watch() -> None:
+        try:
+            await server.wait()
+            log.info("job %s: all %d shells passed the start barrier", req.jobid, req.shells)
+        except BarrierError as e:
+            handle.error = f"start barrier failed: {e}"
+            log.error("job %s: %s", req.jobid, handle.error)
+            waiting = getattr(e, "waiting", [])
+            handle.cancel("cancel")
+            await _drain(
+                cfg,
+                db,
+                f"{handle.error} (job {req.jobid}, shell ranks {waiting} never arrived)",
+                req.jobid,
+                None,
+            )
+
+    task = asyncio.ensure_future(watch())
+
+    async def stop() -> None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await server.close()
+        try:
+            os.rmdir(rundir)
+        except OSError:
+            pass
+
+    handle.cleanup.append(stop)
+    return path
+
+
+def db_remove(db: StateDB, key: str) -> None:
     try:
-        db.remove_job(jobid)
+        db.remove_job(key)
     except Exception:  # the db may be closed already
-        log.debug("remove_job(%s) failed", jobid, exc_info=True)
+        log.debug("remove_job(%s) failed", key, exc_info=True)
 
 
-def _finish_record(db: StateDB, jobid: str) -> None:
-    rec = db.get_job(jobid)
+def _finish_record(db: StateDB, key: str) -> None:
+    rec = db.get_job(key)
     if rec is not None and rec.state != "abandoned":
-        db.remove_job(jobid)
-
-
-def _builtin_shell_python() -> str:
-    import sys
-
-    return sys.executable
-
-
-async def _start_rexec(cfg: ExecConfig, req: JobRequest, db: StateDB, stdin: int) -> Handle:
-    from .rexec import RexecJob
-
-    name = f"rexec-{req.rank}-{req.jobid}"
-    _record(db, req, "rexec", name)
-    handle = Handle(name=name, service="rexec", jobid=req.jobid, job=None, db=db)
-    handle.cleanup += [db.close, lambda: _finish_record(db, req.jobid)]
-    shell: tuple[str, ...] = (cfg.job_shell, "--") if cfg.job_shell else ()
-    env = dict(req.env)
-    env.update(SDEXEC_JOBID=req.jobid, SDEXEC_RANK=str(req.rank), SDEXEC_SIZE="1")
-
-    async def on_drain(job: Any, reason: str) -> None:
-        await _drain_cb(cfg, db, req.jobid, name, reason)
-
-    try:
-        handle.job = await RexecJob.start(
-            cfg,
-            jobid=req.jobid,
-            argv=[*shell, *req.argv],
-            env=env,
-            cwd=req.cwd,
-            stdin=stdin,
-            on_drain=on_drain,
-            on_update=_publisher(db, req.jobid),
-        )
-    except BaseException:
-        db_remove(db, req.jobid)
-        await handle.close()
-        raise
-    return handle
+        db.remove_job(key)
 
 
 class SimulatedJob(BaseJob):
@@ -355,25 +447,29 @@ class SimulatedJob(BaseJob):
         self.finish_gone()
 
 
-async def _start_testexec(cfg: ExecConfig, req: JobRequest, db: StateDB) -> Handle:
+async def _start_testexec(cfg: ExecConfig, req: JobRequest, handle: Handle) -> None:
     from .clock import MonotonicClock
     from .testexec import TestexecSpec, allowed
 
+    db = handle.db
+    assert db is not None
     spec = TestexecSpec.from_attrs(req.attrs)
     assert spec is not None  # select_service chose testexec because of these attributes
     allowed(spec, guest=req.guest(), allow_guests=cfg.testexec.allow_guests)
     if spec.mock_exception == "init":
         raise LaunchError(f"job {req.jobid}: mock init exception (testexec)")
     name = f"testexec-{req.rank}-{req.jobid}"
-    _record(db, req, "testexec", name)
+    _record(db, req, req.jobid, "testexec", name)
     job = SimulatedJob(
-        req.jobid, name, clock=MonotonicClock(), eof_timeout=0,
+        req.jobid,
+        name,
+        clock=MonotonicClock(),
+        eof_timeout=0,
         on_update=_publisher(db, req.jobid),
     )
     job.spawn(job.run(spec, req.time_limit))
-    handle = Handle(name=name, service="testexec", jobid=req.jobid, job=job, db=db)
-    handle.cleanup += [db.close, lambda: _finish_record(db, req.jobid)]
-    return handle
+    handle.jobs.append(job)
+    handle.cleanup.append(lambda: _finish_record(db, req.jobid))
 
 
 async def sweep_abandoned(cfg: ExecConfig, db: StateDB, *, user_manager: bool = False) -> list[str]:

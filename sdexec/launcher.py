@@ -48,7 +48,6 @@ log = logging.getLogger(__name__)
 __all__ = ["DEVNULL", "PIPE", "Job", "JobSpec", "Launcher"]
 
 
-
 @dataclass
 class JobSpec:
     """What to run. ``argv[0]`` is resolved on ``PATH`` of ``env`` (as a shell would)."""
@@ -73,15 +72,23 @@ class Job(BaseJob):
     service = "sdexec"
 
     def __init__(
-        self, jobid: str, unit: str, launcher: Launcher, *, via_imp: bool, keep_failed_unit: bool
+        self,
+        jobid: str,
+        unit: str,
+        launcher: Launcher,
+        *,
+        via_imp: bool,
+        keep_failed_unit: bool,
+        on_drain: DrainHook | None = None,
+        on_update: UpdateHook | None = None,
     ) -> None:
         super().__init__(
             jobid,
             unit,
             clock=launcher.clock,
             eof_timeout=launcher.config.sdexec.stdio_eof_timeout,
-            on_drain=launcher.on_drain,
-            on_update=launcher.on_update,
+            on_drain=on_drain or launcher.on_drain,
+            on_update=on_update or launcher.on_update,
         )
         self.launcher = launcher
         self.via_imp = via_imp
@@ -159,7 +166,9 @@ class Job(BaseJob):
         result = str(self.state.props.get("Result", ""))
         limit = self.launcher.memory_limit_text()
         if result == "oom-kill":
-            self.memory_note = f"killed by the OOM killer under its memory limit ({limit or 'MemoryMax'})"
+            self.memory_note = (
+                f"killed by the OOM killer under its memory limit ({limit or 'MemoryMax'})"
+            )
         elif limit and os.WIFSIGNALED(ws) and os.WTERMSIG(ws) == _signal.SIGKILL:
             self.memory_note = (
                 f"killed by SIGKILL under a memory limit ({limit}): most likely the limit "
@@ -245,13 +254,26 @@ class Launcher:
             expand_env=not self._exec_start_ex,
         )
 
-    async def start(self, spec: JobSpec) -> Job:
+    async def start(
+        self,
+        spec: JobSpec,
+        *,
+        on_drain: DrainHook | None = None,
+        on_update: UpdateHook | None = None,
+    ) -> Job:
+        """Start one shell's unit; the hooks override the launcher's for this job."""
         plan = self.plan(spec, (0, 1, 2))  # validates before any fd or unit exists
         via_imp = spec.guest_user is not None
         if via_imp:
             plan = replace(plan, env={**plan.env, "SDEXEC_IMP_USER": str(spec.guest_user)})
         job = Job(
-            spec.jobid, plan.name, self, via_imp=via_imp, keep_failed_unit=spec.keep_failed_unit
+            spec.jobid,
+            plan.name,
+            self,
+            via_imp=via_imp,
+            keep_failed_unit=spec.keep_failed_unit,
+            on_drain=on_drain,
+            on_update=on_update,
         )
         job.termination = Termination(
             KillPolicy.from_config(self.config, via_imp=via_imp), spec.jobid, self.clock

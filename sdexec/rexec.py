@@ -43,7 +43,9 @@ def _group_alive(pgid: int) -> bool:
 class RexecJob(BaseJob):
     service = "rexec"
 
-    def __init__(self, jobid: str, name: str, proc: asyncio.subprocess.Process, **kw: object) -> None:
+    def __init__(
+        self, jobid: str, name: str, proc: asyncio.subprocess.Process, **kw: object
+    ) -> None:
         super().__init__(jobid, name, **kw)  # type: ignore[arg-type]
         self.proc = proc
         self.pid = proc.pid
@@ -125,7 +127,8 @@ class RexecJob(BaseJob):
             # leftovers: what systemd's stop does to a unit, then the stop timer
             await self.signal(signal.SIGTERM, "all")
             self.on_lingering("deactivating")
-            while _group_alive(self.pgid) and self.running:
+            # no event tells when a process group empties: poll
+            while _group_alive(self.pgid) and self.running:  # noqa: ASYNC110
                 await asyncio.sleep(GROUP_POLL)
         if self.running:
             self.on_lingering("inactive")

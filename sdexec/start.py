@@ -118,18 +118,17 @@ def stop_timeout_usec(stop_timer_sec: float, *, via_imp: bool) -> int:
     return int((2 * stop_timer_sec + 5) * USEC)
 
 
-def verify_applied(
-    wanted: Sequence[tuple[str, str, Any]], actual: Mapping[str, Any]
-) -> list[str]:
+def verify_applied(wanted: Sequence[tuple[str, str, Any]], actual: Mapping[str, Any]) -> list[str]:
     """Properties systemd silently did not apply (Flux #7292): (name, wanted, actual) lines."""
     problems = []
     for name, _sig, value in wanted:
         if name not in actual:
             continue  # not readable back on this systemd: nothing to compare
         got = actual[name]
+        want = value
         if isinstance(value, bytes | bytearray):
-            value = list(value)
+            want = list(value)
             got = list(got) if isinstance(got, bytes | bytearray | list) else got
-        if got != value:
-            problems.append(f"{name}={value!r} was not applied (systemd reports {got!r})")
+        if got != want:
+            problems.append(f"{name}={want!r} was not applied (systemd reports {got!r})")
     return problems

@@ -2,7 +2,7 @@
 
 Several ``sdexec run`` processes on one node share it, ``sdexec stats``/``attach`` read it, and
 it outlives a launcher crash so a job can be re-attached. SQLite in WAL mode with a busy timeout
-and ``BEGIN`` write transactions makes concurrent writers safe without a daemon.
+and ``BEGIN IMMEDIATE`` write transactions makes concurrent writers safe without a daemon.
 The state directory must be local (WAL does not work over NFS) and private to its owner, since
 whoever can write it can drain the node or make it refuse jobs.
 """
@@ -193,6 +193,7 @@ class StateDB:
         if not os.path.lexists(state_dir):
             try:
                 os.makedirs(state_dir, mode=0o700, exist_ok=True)
+                os.chmod(state_dir, 0o700)  # whatever the umask
             except OSError as e:
                 raise RefusedError(
                     f"cannot create state directory {state_dir}: {e.strerror}"
@@ -208,7 +209,7 @@ class StateDB:
         _check_private(path, "state database", is_dir=False)
         try:
             conn = sqlite3.connect(
-                path, timeout=0, isolation_level=None, check_same_thread=False
+                path, timeout=BUSY_TIMEOUT_SEC, isolation_level=None, check_same_thread=False
             )
         except sqlite3.Error as e:
             raise RefusedError(f"cannot open state database {path}: {e}") from None
@@ -222,7 +223,7 @@ class StateDB:
 
     def _init(self) -> None:
         with self._errors():
-            self._conn.execute("PRAGMA busy_timeout = 0")
+            self._conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SEC * 1000)}")
             mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 log.warning("state database %s: journal mode is %s, not wal", self.path, mode)
@@ -258,7 +259,7 @@ class StateDB:
         in WAL mode, ignoring the busy timeout; IMMEDIATE waits its turn instead.
         """
         with self._lock, self._errors():
-            self._conn.execute("BEGIN")
+            self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self._conn
             except BaseException:

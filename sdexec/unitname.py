@@ -24,7 +24,9 @@ def check_jobid(jobid: str) -> str:
     if len(jobid) > JOBID_MAX:
         raise UsageError(f"--job: the job id is {len(jobid)} characters long (at most {JOBID_MAX})")
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in jobid):
-        raise UsageError("--job: the job id contains control characters (letters, digits, - _ . : only)")
+        raise UsageError(
+            "--job: the job id contains control characters (letters, digits, - _ . : only)"
+        )
     return jobid
 
 
@@ -44,7 +46,9 @@ def unit_name(jobid: str, rank: int = 0, *, guest: bool = False) -> str:
     prefix = "imp-shell" if guest else "shell"
     name = f"{prefix}-{rank}-{safe_id}.service"
     if len(name) > UNIT_NAME_MAX:
-        raise UsageError(f"--job: the job id is too long for a unit name (at most {UNIT_NAME_MAX} bytes)")
+        raise UsageError(
+            f"--job: the job id is too long for a unit name (at most {UNIT_NAME_MAX} bytes)"
+        )
     return name
 
 

@@ -131,7 +131,11 @@ class UnitState:
             self.pid = main_pid
             self.phase = Phase.STARTED
             events.append(Started(main_pid))
-        if self.phase in (Phase.NEW, Phase.STARTED) and code in (CLD_EXITED, CLD_KILLED, CLD_DUMPED):
+        if self.phase in (Phase.NEW, Phase.STARTED) and code in (
+            CLD_EXITED,
+            CLD_KILLED,
+            CLD_DUMPED,
+        ):
             self.status = wait_status(code, status)
             self.phase = Phase.FINISHED
             events.append(Finished(self.status))

@@ -18,7 +18,9 @@ ALLOC = "import sys\nb = bytearray(300 * 1024 * 1024)\nb[::4096] = b'x' * len(b[
 def _show(unit: str, *props: str) -> dict[str, str]:
     out = subprocess.run(
         ["systemctl", "show", unit, *(f"--property={p}" for p in props)],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
@@ -57,8 +59,18 @@ def test_memory_properties_and_percentages_reach_the_unit(config: Config) -> Non
     )
     # The job reads its own unit's properties while it runs.
     p = run_sdexec(
-        "run", "--config", cfg, "--job", "mem3", "--", "systemctl", "show", "shell-0-mem3.service",
-        "--property=MemoryMax", "--property=MemoryHigh", "--property=MemoryMin",
+        "run",
+        "--config",
+        cfg,
+        "--job",
+        "mem3",
+        "--",
+        "systemctl",
+        "show",
+        "shell-0-mem3.service",
+        "--property=MemoryMax",
+        "--property=MemoryHigh",
+        "--property=MemoryMin",
         "--property=MemoryLow",
     )
     assert p.returncode == 0, p.stderr

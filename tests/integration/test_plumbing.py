@@ -30,18 +30,28 @@ async def test_transient_true_with_memorymax() -> None:
     bus.add_message_handler(on_msg)
 
     async def call(member: str, sig: str, body: list[object], **kw: str) -> Message:
-        reply = await bus.call(Message(
-            destination=kw.get("dest", "org.freedesktop.systemd1"),
-            path=kw.get("path", "/org/freedesktop/systemd1"),
-            interface=kw.get("iface", "org.freedesktop.systemd1.Manager"),
-            member=member, signature=sig, body=body,
-        ))
+        reply = await bus.call(
+            Message(
+                destination=kw.get("dest", "org.freedesktop.systemd1"),
+                path=kw.get("path", "/org/freedesktop/systemd1"),
+                interface=kw.get("iface", "org.freedesktop.systemd1.Manager"),
+                member=member,
+                signature=sig,
+                body=body,
+            )
+        )
         assert reply is not None
         assert reply.message_type == MessageType.METHOD_RETURN, reply.body
         return reply
 
-    await call("AddMatch", "s", [f"type='signal',path='{path}'"],
-               dest="org.freedesktop.DBus", path="/org/freedesktop/DBus", iface="org.freedesktop.DBus")
+    await call(
+        "AddMatch",
+        "s",
+        [f"type='signal',path='{path}'"],
+        dest="org.freedesktop.DBus",
+        path="/org/freedesktop/DBus",
+        iface="org.freedesktop.DBus",
+    )
     await call("Subscribe", "", [])
     props = [
         ["ExecStart", Variant("a(sasb)", [["/bin/true", ["/bin/true"], False]])],
@@ -55,8 +65,13 @@ async def test_transient_true_with_memorymax() -> None:
         final.update(c)
     assert final["ExecMainCode"] == 1  # CLD_EXITED
     assert final["ExecMainStatus"] == 0
-    reply = await call("GetAll", "s", ["org.freedesktop.systemd1.Service"],
-                       path=path, iface="org.freedesktop.DBus.Properties")
+    reply = await call(
+        "GetAll",
+        "s",
+        ["org.freedesktop.systemd1.Service"],
+        path=path,
+        iface="org.freedesktop.DBus.Properties",
+    )
     assert reply.body[0]["MemoryMax"].value == 64 * 1024 * 1024
     await call("StopUnit", "ss", [UNIT, "fail"])
     bus.disconnect()

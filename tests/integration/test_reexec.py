@@ -17,9 +17,22 @@ Config = Callable[..., str]
 def test_status_survives_systemd_reexec(config: Config, action: str) -> None:
     cfg = config()
     proc = subprocess.Popen(
-        [*SDEXEC, "-v", "run", "--config", cfg, "--job", f"reexec-{action}", "--",
-         "sh", "-c", "sleep 2; echo still-here; exit 42"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            *SDEXEC,
+            "-v",
+            "run",
+            "--config",
+            cfg,
+            "--job",
+            f"reexec-{action}",
+            "--",
+            "sh",
+            "-c",
+            "sleep 2; echo still-here; exit 42",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     time.sleep(0.7)
     subprocess.run(["systemctl", action], check=True, timeout=30)

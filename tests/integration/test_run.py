@@ -12,8 +12,17 @@ Config = Callable[..., str]
 
 def test_stdio_and_exit_code(config: Config) -> None:
     cfg = config()
-    p = run_sdexec("run", "--config", cfg, "--job", "123", "--",
-                   "sh", "-c", "echo to-out; echo to-err >&2; exit 7")
+    p = run_sdexec(
+        "run",
+        "--config",
+        cfg,
+        "--job",
+        "123",
+        "--",
+        "sh",
+        "-c",
+        "echo to-out; echo to-err >&2; exit 7",
+    )
     assert p.returncode == 7, p.stderr
     assert p.stdout == "to-out\n"
     assert "to-err\n" in p.stderr
@@ -53,6 +62,10 @@ def test_stdin_is_relayed(config: Config) -> None:
 def test_no_unit_left_after_failure(config: Config) -> None:
     p = run_sdexec("run", "--config", config(), "--", "sh", "-c", "exit 3")
     assert p.returncode == 3
-    out = subprocess.run(["systemctl", "list-units", "--all", "--plain", "--no-legend"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["systemctl", "list-units", "--all", "--plain", "--no-legend"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "shell-" not in out

@@ -24,8 +24,12 @@ def _pids(marker: str) -> list[str]:
 def _wait_state(unit: str, state: str, timeout: float) -> None:
     t0 = time.monotonic()
     while True:
-        now = subprocess.run(["systemctl", "show", unit, "-P", "ActiveState"],
-                             capture_output=True, text=True, check=False).stdout.strip()
+        now = subprocess.run(
+            ["systemctl", "show", unit, "-P", "ActiveState"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
         if now == state:
             return
         assert time.monotonic() - t0 < timeout, f"{unit} is {now}, not {state}, after {timeout}s"
@@ -35,8 +39,9 @@ def _wait_state(unit: str, state: str, timeout: float) -> None:
 def test_stop_timer_kills_leftovers(config: Config) -> None:
     cfg = config("sdexec-stop-timer-sec = 2\n")
     t0 = time.monotonic()
-    p = run_sdexec("run", "--config", cfg, "--job", "linger1", "--",
-                   "sh", "-c", LINGER.format(sigs="TERM"))
+    p = run_sdexec(
+        "run", "--config", cfg, "--job", "linger1", "--", "sh", "-c", LINGER.format(sigs="TERM")
+    )
     elapsed = time.monotonic() - t0
     assert p.returncode == 0, p.stderr
     assert p.stdout == "main-done\n"
@@ -49,8 +54,17 @@ def test_stop_timer_kills_leftovers(config: Config) -> None:
 def test_unkillable_leftover_is_abandoned_and_drains(config: Config) -> None:
     cfg = config("sdexec-stop-timer-sec = 2\nsdexec-stop-timer-signal = 10\n")
     t0 = time.monotonic()
-    p = run_sdexec("run", "--config", cfg, "--job", "linger2", "--",
-                   "sh", "-c", LINGER.format(sigs="TERM USR1"))
+    p = run_sdexec(
+        "run",
+        "--config",
+        cfg,
+        "--job",
+        "linger2",
+        "--",
+        "sh",
+        "-c",
+        LINGER.format(sigs="TERM USR1"),
+    )
     elapsed = time.monotonic() - t0
     assert p.returncode != 0
     assert elapsed < 4 + 2, elapsed
@@ -74,9 +88,21 @@ def test_unkillable_leftover_is_abandoned_and_drains(config: Config) -> None:
 def test_cancel_repeats_term_then_kills(config: Config) -> None:
     cfg = config('kill-timeout = "0.5s"\nkill-shell-delay = "2s"\n')
     proc = subprocess.Popen(
-        [*SDEXEC, "run", "--config", cfg, "--job", "cancel1", "--",
-         "sh", "-c", "trap 'echo got-TERM' TERM; echo ready; while :; do sleep 0.05; done"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            *SDEXEC,
+            "run",
+            "--config",
+            cfg,
+            "--job",
+            "cancel1",
+            "--",
+            "sh",
+            "-c",
+            "trap 'echo got-TERM' TERM; echo ready; while :; do sleep 0.05; done",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     assert proc.stdout is not None
     assert proc.stdout.readline() == "ready\n"
@@ -93,7 +119,9 @@ def test_stats_shows_config_and_running_job(config: Config) -> None:
     cfg = config('kill-timeout = "3s"\nmax-kill-count = 4\n')
     proc = subprocess.Popen(
         [*SDEXEC, "run", "--config", cfg, "--job", "stats1", "--", "sleep", "30"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 10

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from sdexec.cli import main
 from sdexec.errors import RefusedError
-from sdexec.statedb import StateDB
+from sdexec.statedb import JobRecord, StateDB
 
 
 def _config(tmp_path: Path, drain_command: list[str] | None = None) -> str:
@@ -97,3 +99,54 @@ def test_unsafe_state_dir_is_refused_cleanly(
     err = capsys.readouterr().err
     assert err.startswith("sdexec: state directory ") and "writable by group or others" in err
     assert err.count("\n") == 1
+
+
+def test_clear_resets_abandoned_units_best_effort(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import sdexec.jobexec
+
+    calls: list[bool] = []
+
+    async def fake_sweep(cfg: object, db: StateDB, *, user_manager: bool = False) -> list[str]:
+        calls.append(user_manager)
+        if user_manager:
+            raise OSError("no user bus")
+        db.remove_job("f1")
+        return ["shell-0-f1.service"]
+
+    monkeypatch.setattr(sdexec.jobexec, "sweep_abandoned", fake_sweep)
+    cfg = _config(tmp_path)
+    with StateDB.open(str(tmp_path / "state")) as db:
+        for jobid, manager in (("f1", "system"), ("f2", "user")):
+            db.add_job(
+                JobRecord(jobid, f"shell-0-{jobid}.service", "sdexec", os.getuid(), manager,
+                          os.getpid(), "abandoned", time.time())
+            )  # fmt: skip
+        db.drain("processes did not respond to SIGKILL; abandoning unit", jobid="f1")
+    assert main(["drain", "clear", "-c", cfg]) == 0
+    out = capsys.readouterr().out
+    assert out == (
+        "cleared 1 drain record\nreset 1 unit(s) of abandoned jobs: shell-0-f1.service\n"
+    )
+    assert "could not reset the units of abandoned jobs (user manager): no user bus" in caplog.text
+    assert sorted(calls) == [False, True]
+    with StateDB.open(str(tmp_path / "state")) as db:
+        assert db.drains() == []
+        assert [j.jobid for j in db.list_jobs()] == ["f2"]
+
+
+def test_clear_without_abandoned_jobs_touches_no_bus(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sdexec.jobexec
+
+    async def no_sweep(*args: object, **kw: object) -> list[str]:
+        raise AssertionError("sweep must not run without abandoned jobs")
+
+    monkeypatch.setattr(sdexec.jobexec, "sweep_abandoned", no_sweep)
+    assert main(["drain", "clear", "-c", _config(tmp_path)]) == 0
+    assert capsys.readouterr().out == "node was not drained\n"

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from sdexec.drain import drain_node, expand_drain_command
-from sdexec.errors import RefusedError
+from sdexec.errors import LaunchError, RefusedError
 from sdexec.statedb import DrainRecord, StateDB
 
 if TYPE_CHECKING:
@@ -135,3 +135,18 @@ async def test_drain_command_timeout_kills_its_process_group(
             break
         assert time.monotonic() < deadline, "grandchild survived the timeout"
         await asyncio.sleep(0.005)
+
+
+async def test_site_command_runs_even_if_local_record_fails(
+    db: StateDB, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object, **kw: object) -> DrainRecord:
+        raise LaunchError("state database x: database is locked")
+
+    monkeypatch.setattr(db, "drain", broken)
+    script, out = _recorder(tmp_path)
+    with pytest.raises(LaunchError, match="database is locked"):
+        await drain_node(
+            db, _cfg((script, "{reason}", "{jobid}")), "stuck\tjob", jobid="f9", unit=None
+        )
+    assert json.loads(out.read_text()) == ["stuck job", "f9"]

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import multiprocessing
+import json
 import os
 import sqlite3
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,15 @@ def test_open_creates_private_dir_and_wal_db(tmp_path: Path) -> None:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     finally:
         conn.close()
+
+
+def test_open_creates_dir_0700_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o277)
+    try:
+        StateDB.open(str(tmp_path / "state")).close()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "state").stat().st_mode) == 0o700
 
 
 def test_open_twice_keeps_data(tmp_path: Path) -> None:
@@ -295,52 +305,100 @@ def test_drain_visible_to_other_handle(tmp_path: Path) -> None:
 _WORKERS = 4
 _OPS = 50
 
+# Separate interpreters, not fork(): a forked pytest process inherits other tests' threads and
+# locks, and a worker stuck on one would hang the whole run.
+_WORKER = """
+import json, os, sys, time
+from sdexec.errors import RefusedError
+from sdexec.statedb import JobRecord, StateDB
 
-def _worker(state_dir: str, n: int, barrier: Any, results: Any) -> None:
-    errors: list[str] = []
-    db = StateDB.open(state_dir)
-    barrier.wait()
-    try:
-        db.add_job(_job("shared", launcher_pid=os.getpid(), unit=f"w{n}.service"))
-        results.put(("shared-ok", n))
-    except RefusedError:
-        results.put(("shared-refused", n))
-    try:
-        for i in range(_OPS):
-            jobid = f"w{n}-{i}"
-            db.add_job(_job(jobid, launcher_pid=os.getpid()))
-            db.update_job(jobid, state="running", pid=1000 + i, termination={"i": i})
-            if i % 2:
-                db.remove_job(jobid)
-    except Exception as e:
-        errors.append(repr(e))
-    results.put(("errors", errors))
-    barrier.wait()  # keep our pid alive until every worker tried "shared"
-    db.close()
+state_dir, n, ops = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+
+def job(jobid, **kw):
+    return JobRecord(jobid=jobid, unit=kw.pop("unit", jobid + ".service"), service="sdexec",
+                     owner_uid=os.getuid(), manager="system", launcher_pid=os.getpid(),
+                     state="starting", created_at=time.time(), **kw)
+
+db = StateDB.open(state_dir)
+print("ready", flush=True)
+sys.stdin.readline()  # start together
+try:
+    db.add_job(job("shared", unit=f"w{n}.service"))
+    print("shared-ok", flush=True)
+except RefusedError:
+    print("shared-refused", flush=True)
+errors = []
+try:
+    for i in range(ops):
+        jobid = f"w{n}-{i}"
+        db.add_job(job(jobid))
+        db.update_job(jobid, state="running", pid=1000 + i, termination={"i": i})
+        if i % 2:
+            db.remove_job(jobid)
+except Exception as e:
+    errors.append(repr(e))
+print(json.dumps(errors), flush=True)
+sys.stdin.read()  # stay alive (a live launcher) until every worker tried "shared"
+db.close()
+"""
 
 
 def test_concurrent_writers(tmp_path: Path) -> None:
     state_dir = str(tmp_path / "s")
     StateDB.open(state_dir).close()
-    ctx = multiprocessing.get_context("fork")
-    barrier = ctx.Barrier(_WORKERS)
-    results = ctx.Queue()
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     procs = [
-        ctx.Process(target=_worker, args=(state_dir, n, barrier, results)) for n in range(_WORKERS)
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER, state_dir, str(n), str(_OPS)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for n in range(_WORKERS)
     ]
-    for p in procs:
-        p.start()
-    out = [results.get(timeout=30) for _ in range(2 * _WORKERS)]
-    for p in procs:
-        p.join(timeout=30)
-        assert p.exitcode == 0
-    assert [e for kind, e in out if kind == "errors"] == [[]] * _WORKERS
-    assert sum(1 for kind, _ in out if kind == "shared-ok") == 1
-    assert sum(1 for kind, _ in out if kind == "shared-refused") == _WORKERS - 1
+
+    def kill_all() -> None:
+        for p in procs:
+            p.kill()
+
+    watchdog = threading.Timer(30, kill_all)
+    watchdog.start()
+    try:
+
+        def line(p: subprocess.Popen[str]) -> str:
+            assert p.stdout is not None
+            text = p.stdout.readline().strip()
+            if not text:  # died: show why
+                _, err = p.communicate(timeout=5)
+                pytest.fail(f"worker exited early (rc={p.returncode}): {err}")
+            return text
+
+        assert [line(p) for p in procs] == ["ready"] * _WORKERS
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        shared = [line(p) for p in procs]
+        errors = [json.loads(line(p)) for p in procs]
+        outs = [p.communicate(timeout=10) for p in procs]
+    finally:
+        watchdog.cancel()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [0] * _WORKERS, [err for _, err in outs]
+    assert errors == [[]] * _WORKERS
+    assert sorted(shared) == ["shared-ok"] + ["shared-refused"] * (_WORKERS - 1)
     with StateDB.open(state_dir) as db:
         jobs = {j.jobid: j for j in db.list_jobs()}
     expected = {f"w{n}-{i}" for n in range(_WORKERS) for i in range(0, _OPS, 2)} | {"shared"}
     assert set(jobs) == expected
+    winner = shared.index("shared-ok")
+    assert jobs["shared"].unit == f"w{winner}.service"
+    assert jobs["shared"].launcher_pid == procs[winner].pid
     for jobid, j in jobs.items():
         if jobid != "shared":
             i = int(jobid.split("-")[1])

@@ -1,0 +1,374 @@
+"""Memory and fds of one Launcher tracking M concurrent units, vs a raw client holding M units.
+
+Each side runs in its own worker process (so neither inherits the other's freed heap), one
+after the other: start M ``sleep 300`` units (``--concurrency`` at a time), measure RSS and
+open fds, kill them all (``Job.kill()`` / ``KillUnit``) and wait, measure again. Goals:
+RSS per unit = (rss_after_start - rss_before) / M <= 20 KB, and the fd count back to its
+baseline (+-2) once all are gone. Every bench unit is killed and reset even on error or Ctrl-C.
+
+    python bench/scale.py --m 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import logging
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make ``bench`` and ``sdexec`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (
+    RawClient,
+    RawUnit,
+    cancel_on_sigterm,
+    cleanup_units,
+    emit,
+    error_summary,
+    host_facts,
+    log,
+    pids_limit,
+    raise_nofile,
+    rnd,
+    run_prefix,
+    workers,
+)
+
+GOAL_KB_PER_UNIT = 20.0
+GOAL_FD_SLACK = 2
+
+
+def snapshot() -> dict[str, Any]:
+    import psutil
+
+    gc.collect()
+    p = psutil.Process()
+    return {
+        "rss_kb": p.memory_info().rss // 1024,
+        "fds": p.num_fds(),
+        "threads": p.num_threads(),
+        "tasks": len(asyncio.all_tasks()),
+    }
+
+
+# --- workers (one process each) -----------------------------------------------------------
+
+
+async def lib_worker(args: argparse.Namespace, prefix: str, out: dict[str, Any]) -> None:
+    from sdexec.channel import DEVNULL, PIPE
+    from sdexec.config import ExecConfig, load_config
+    from sdexec.launcher import Job, JobSpec, Launcher
+
+    cfg = load_config(args.config) if args.config else ExecConfig()
+    out_spec = PIPE if args.stdio == "pipe" else DEVNULL
+    jobs: list[Job] = []
+    async with Launcher(cfg) as launcher:
+        await asyncio.sleep(0.2)
+        out["before"] = snapshot()
+        tracer = _start_tracemalloc(args.tracemalloc)
+
+        async def start(i: int) -> None:
+            job = await launcher.start(
+                JobSpec(
+                    jobid=f"{prefix}-L{i}",
+                    argv=args.argv,
+                    stdin=DEVNULL,
+                    stdout=out_spec,
+                    stderr=out_spec,
+                )
+            )
+            jobs.append(job)
+
+        t0 = time.perf_counter()
+        errors = await workers(args.m, args.concurrency, start)
+        out["start_seconds"] = rnd(time.perf_counter() - t0)
+        out["started"] = len(jobs)
+        if errors:
+            out["start_errors"] = error_summary(errors)
+            log(f"library: {len(errors)} starts failed: {out['start_errors']}")
+        log(f"library: {len(jobs)} units started in {out['start_seconds']}s")
+        await asyncio.sleep(args.settle)
+        out["after_start"] = snapshot()
+        mgr = launcher.manager
+        out["tracked_jobs"] = len(launcher.jobs)
+        out["match_rules_per_unit"] = len(getattr(mgr, "_matched", ()))
+        out["namespace_match"] = getattr(mgr, "_namespace_match", None)
+        if tracer is not None:
+            out["tracemalloc_top_per_unit"] = _tracemalloc_top(tracer, args.tracemalloc, len(jobs))
+
+        t0 = time.perf_counter()
+        for job in jobs:
+            job.kill()
+        codes: dict[str, int] = {}
+        try:
+            async with asyncio.timeout(args.timeout):
+                for rc in await asyncio.gather(*(j.wait() for j in jobs)):
+                    codes[str(rc)] = codes.get(str(rc), 0) + 1
+        except TimeoutError:
+            out["kill_timeout"] = (
+                f"{sum(j.running for j in jobs)} jobs still running after {args.timeout}s"
+            )
+        out["kill_seconds"] = rnd(time.perf_counter() - t0)
+        out["returncodes"] = codes
+        errs = [j.error for j in jobs if j.error]
+        if errs:
+            out["job_errors"] = error_summary([RuntimeError(e) for e in errs])
+        log(f"library: killed and waited in {out['kill_seconds']}s: {codes}")
+        await asyncio.sleep(args.settle)
+        out["after_kill"] = snapshot()
+        out["tracked_jobs_after_kill"] = len(launcher.jobs)
+        jobs.clear()
+    out["after_close"] = snapshot()
+
+
+async def raw_worker(args: argparse.Namespace, prefix: str, out: dict[str, Any]) -> None:
+    argv = [shutil.which(args.argv[0]) or args.argv[0], *args.argv[1:]]
+    client = RawClient(pass_fds=True)
+    await client.connect()
+    units: list[RawUnit] = []
+    try:
+        await asyncio.sleep(0.2)
+        out["before"] = snapshot()
+
+        async def start(i: int) -> None:
+            units.append(await client.start(f"{prefix}-R{i}", argv))
+
+        t0 = time.perf_counter()
+        errors = await workers(args.m, args.concurrency, start)
+        out["start_seconds"] = rnd(time.perf_counter() - t0)
+        out["started"] = len(units)
+        if errors:
+            out["start_errors"] = error_summary(errors)
+        log(f"raw: {len(units)} units started in {out['start_seconds']}s")
+        await asyncio.sleep(args.settle)
+        out["after_start"] = snapshot()
+        out["match_rules_per_unit"] = len(client.matched)
+        out["namespace_match_at"] = client.namespace_match_at
+
+        t0 = time.perf_counter()
+        try:
+            async with asyncio.timeout(args.timeout):
+                kill_errors = await workers(
+                    len(units), args.m, lambda i: client.kill(units[i], signal.SIGKILL)
+                )
+            if kill_errors:
+                out["kill_errors"] = error_summary(kill_errors)
+        except TimeoutError:
+            out["kill_timeout"] = f"{sum(not u.gone.is_set() for u in units)} units left"
+        out["kill_seconds"] = rnd(time.perf_counter() - t0)
+        log(f"raw: killed and waited in {out['kill_seconds']}s")
+        units.clear()
+        await asyncio.sleep(args.settle)
+        out["after_kill"] = snapshot()
+    finally:
+        await client.close()
+    out["after_close"] = snapshot()
+
+
+def _start_tracemalloc(frames: int) -> Any:
+    if not frames:
+        return None
+    import tracemalloc
+
+    tracemalloc.start(1)
+    return tracemalloc.take_snapshot()
+
+
+def _tracemalloc_top(before: Any, k: int, units: int) -> list[dict[str, Any]]:
+    """Where the per-unit memory goes, by source line: bytes per unit, top k."""
+    import tracemalloc
+
+    diff = tracemalloc.take_snapshot().compare_to(before, "lineno")
+    tracemalloc.stop()
+    return [
+        {"where": str(d.traceback), "bytes_per_unit": round(d.size_diff / max(units, 1))}
+        for d in diff[:k]
+    ]
+
+
+async def worker_main(args: argparse.Namespace) -> int:
+    cancel_on_sigterm()
+    raise_nofile(1 << 20)
+    prefix = args.prefix
+    res: dict[str, Any] = {"kind": args.worker}
+    rc = 0
+    try:
+        if args.worker == "library":
+            await lib_worker(args, prefix, res)
+        else:
+            await raw_worker(args, prefix, res)
+    except Exception as e:
+        log(f"{args.worker}: failed: {e!r}")
+        res["failed"] = f"{type(e).__name__}: {e}"
+        rc = 1
+    finally:
+        # a fresh connection: this worker's own units, whatever state they were left in
+        res["leftover_units"] = await cleanup_units(
+            [f"shell-*-{prefix}-{'L' if args.worker == 'library' else 'R'}*.service"]
+        )
+        emit(res)
+    return rc
+
+
+# --- the parent: one worker per side, then the verdict --------------------------------------
+
+
+def per_unit_kb(res: dict[str, Any]) -> float | None:
+    if "after_start" not in res or not res.get("started"):
+        return None
+    return rnd((res["after_start"]["rss_kb"] - res["before"]["rss_kb"]) / res["started"], 2)
+
+
+def run_worker(kind: str, args: argparse.Namespace, prefix: str) -> dict[str, Any]:
+    argv = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        kind,
+        "--prefix",
+        prefix,
+        "--m",
+        str(args.m),
+        "--concurrency",
+        str(args.concurrency),
+        "--stdio",
+        args.stdio,
+        "--settle",
+        str(args.settle),
+        "--timeout",
+        str(args.timeout),
+        "--tracemalloc",
+        str(args.tracemalloc),
+    ]
+    if args.config:
+        argv += ["--config", args.config]
+    argv += ["--", *args.argv]
+    log(f"{kind}: {args.m} units")
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(argv, stdout=subprocess.PIPE, check=False, timeout=args.timeout * 3)
+    except subprocess.TimeoutExpired:
+        return {"kind": kind, "failed": f"worker timed out after {args.timeout * 3}s"}
+    try:
+        res: dict[str, Any] = json.loads(p.stdout)
+    except ValueError:
+        res = {"kind": kind, "failed": f"worker exited {p.returncode} without a result"}
+    res["worker_seconds"] = rnd(time.perf_counter() - t0)
+    return res
+
+
+def parent_main(args: argparse.Namespace) -> int:
+    prefix = run_prefix()
+    pmax, pcur = pids_limit()
+    limits: dict[str, Any] = {"pids_max": pmax, "pids_current_before": pcur}
+    if pmax is not None and pcur is not None and pmax - pcur < args.m + 16:
+        limits["pids_warning"] = (
+            f"pids.max={pmax} leaves {pmax - pcur} tasks for {args.m} units: starts beyond that "
+            "fail with EAGAIN (podman's default --pids-limit is 2048)"
+        )
+        log(limits["pids_warning"])
+    results: dict[str, dict[str, Any]] = {}
+    leftover = 0
+    try:
+        for kind in args.order.split(","):
+            results[kind] = run_worker(kind, args, prefix)
+    finally:
+        leftover = asyncio.run(cleanup_units())
+    lib, raw = results.get("library", {}), results.get("raw", {})
+    lib_kb, raw_kb = per_unit_kb(lib), per_unit_kb(raw)
+    fd_delta = None
+    if "after_kill" in lib:
+        fd_delta = lib["after_kill"]["fds"] - lib["before"]["fds"]
+    checks = {
+        "all_started": lib.get("started") == args.m,
+        "rss_per_unit_ok": lib_kb is not None and lib_kb <= GOAL_KB_PER_UNIT,
+        "fds_back_to_baseline": fd_delta is not None and abs(fd_delta) <= GOAL_FD_SLACK,
+        "all_gone": "kill_timeout" not in lib and lib.get("tracked_jobs_after_kill") == 0,
+        "no_leftover_units": leftover == 0 and not lib.get("leftover_units"),
+    }
+    met = all(checks.values()) and args.tracemalloc == 0
+    emit(
+        {
+            "benchmark": "scale",
+            "goal": f"library RSS per tracked unit <= {GOAL_KB_PER_UNIT:g} KB, fds back to baseline "
+            f"(+-{GOAL_FD_SLACK}) after all were killed, all {args.m} started, none left behind",
+            "goal_met": met,
+            "checks": checks,
+            "library_rss_kb_per_unit": lib_kb,
+            "raw_rss_kb_per_unit": raw_kb,
+            "library_over_raw_kb_per_unit": rnd(lib_kb - raw_kb, 2) if lib_kb and raw_kb else None,
+            "library_fd_delta_after_kill": fd_delta,
+            "library": lib,
+            "raw": raw,
+            "leftover_units": leftover,
+            "limits": limits,
+            "params": {
+                "m": args.m,
+                "concurrency": args.concurrency,
+                "argv": args.argv,
+                "library_stdio": f"stdin=DEVNULL stdout/stderr={args.stdio.upper()}",
+                "order": args.order,
+                "settle_s": args.settle,
+                "tracemalloc": args.tracemalloc,
+                "note": "each side in its own process; rss from psutil after gc.collect()",
+            },
+            "host": host_facts(),
+        }
+    )
+    return 0 if met else 1
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--m", type=int, default=2000, help="concurrent units (default 2000)")
+    p.add_argument(
+        "--concurrency", "-c", type=int, default=64, help="starts in flight (default 64)"
+    )
+    p.add_argument("--config", help="sdexec config for the launcher (default: built-in defaults)")
+    p.add_argument(
+        "--stdio",
+        choices=("devnull", "pipe"),
+        default="devnull",
+        help="the library jobs' stdout/stderr (pipe: 2 sockets held per job)",
+    )
+    p.add_argument("--order", default="library,raw", help="which side first (default library,raw)")
+    p.add_argument("--settle", type=float, default=1.0, help="seconds before each measurement")
+    p.add_argument("--timeout", type=float, default=300.0, help="bound on starting / killing all")
+    p.add_argument(
+        "--tracemalloc",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also list the K source lines holding the most memory per library unit "
+        "(slows the run and inflates RSS: the goal is then not judged)",
+    )
+    p.add_argument("--worker", choices=("library", "raw"), help=argparse.SUPPRESS)
+    p.add_argument("--prefix", help=argparse.SUPPRESS)
+    p.add_argument("argv", nargs="*", default=["sleep", "300"], help="unit command (sleep 300)")
+    args = p.parse_args(argv)
+    if not args.argv:
+        args.argv = ["sleep", "300"]
+    return args
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(levelname)s: %(message)s")
+    a = parse_args()
+    try:
+        if a.worker:
+            sys.exit(asyncio.run(worker_main(a)))
+        sys.exit(parent_main(a))
+    except KeyboardInterrupt:  # the units were disposed of in the finally blocks
+        log("interrupted")
+        sys.exit(130)
