@@ -269,6 +269,11 @@ class RawClient:
         self.matched: set[str] = set()
         self.namespace_match_at: int | None = None  # matches held when the limit was hit
         self._slots = asyncio.Semaphore(max_in_flight)  # the bus caps pending replies at 128
+        self._switch = asyncio.Lock()
+        self._namespace_rule = (
+            f"type='signal',sender='{SYSTEMD}',path_namespace='{UNIT_NAMESPACE}',"
+            f"interface='{PROPS_IFACE}',member='PropertiesChanged'"
+        )
         self._bus: MessageBus | None = None
 
     async def connect(self) -> None:
@@ -329,13 +334,38 @@ class RawClient:
         except RawCallError as e:
             if "LimitsExceeded" not in e.name:
                 raise
-            # the same way out as the launcher: one rule for every unit, filtered here
-            self.namespace_match_at = len(self.matched)
-            await self._dbus(
-                "AddMatch",
-                f"type='signal',sender='{SYSTEMD}',path_namespace='{UNIT_NAMESPACE}',"
-                f"interface='{PROPS_IFACE}',member='PropertiesChanged'",
-            )
+            await self._switch_to_namespace()
+
+    async def _switch_to_namespace(self) -> None:
+        """Past dbus-daemon's match-rule cap: one rule for every unit, filtered here.
+
+        The cap is already reached, so the wider rule only fits once one of ours is gone:
+        drop a per-unit rule, add the namespace rule (again if a racing AddMatch took the
+        slot), then re-read the dropped units, whose signals in between may be lost.
+        """
+        async with self._switch:
+            if self.namespace_match_at is not None:
+                return
+            held = len(self.matched)
+            dropped: list[str] = []
+            while True:
+                if not self.matched:
+                    raise RawCallError("AddMatch", "LimitsExceeded", "no rule of ours to drop")
+                victim = self.matched.pop()
+                await self._dbus("RemoveMatch", self._rule(victim))
+                dropped.append(victim)
+                try:
+                    await self._dbus("AddMatch", self._namespace_rule)
+                    break
+                except RawCallError as e:
+                    if "LimitsExceeded" not in e.name:
+                        raise
+            self.namespace_match_at = held
+            for path in dropped:
+                unit = self.units.get(path)
+                if unit is not None:
+                    props = await self.call("GetAll", "s", [""], path=path, interface=PROPS_IFACE)
+                    unit.update(props[0])
 
     async def _unmatch(self, path: str) -> None:
         if path in self.matched:

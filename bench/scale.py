@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,19 @@ def snapshot() -> dict[str, Any]:
 # --- workers (one process each) -----------------------------------------------------------
 
 
+async def bounded(
+    coro: Coroutine[Any, Any, list[BaseException]], limit_s: float, out: dict[str, Any]
+) -> list[BaseException]:
+    """The start phase, given up after ``limit_s``: a hang is a result too, not a stuck run."""
+    try:
+        async with asyncio.timeout(limit_s):
+            return await coro
+    except TimeoutError:
+        out["start_timeout"] = f"not all units started within {limit_s:g}s"
+        log(out["start_timeout"])
+        return []
+
+
 async def lib_worker(args: argparse.Namespace, prefix: str, out: dict[str, Any]) -> None:
     from sdexec.channel import DEVNULL, PIPE
     from sdexec.config import ExecConfig, load_config
@@ -89,7 +103,7 @@ async def lib_worker(args: argparse.Namespace, prefix: str, out: dict[str, Any])
             jobs.append(job)
 
         t0 = time.perf_counter()
-        errors = await workers(args.m, args.concurrency, start)
+        errors = await bounded(workers(args.m, args.concurrency, start), args.timeout, out)
         out["start_seconds"] = rnd(time.perf_counter() - t0)
         out["started"] = len(jobs)
         if errors:
@@ -143,7 +157,7 @@ async def raw_worker(args: argparse.Namespace, prefix: str, out: dict[str, Any])
             units.append(await client.start(f"{prefix}-R{i}", argv))
 
         t0 = time.perf_counter()
-        errors = await workers(args.m, args.concurrency, start)
+        errors = await bounded(workers(args.m, args.concurrency, start), args.timeout, out)
         out["start_seconds"] = rnd(time.perf_counter() - t0)
         out["started"] = len(units)
         if errors:
@@ -289,7 +303,7 @@ def parent_main(args: argparse.Namespace) -> int:
     if "after_kill" in lib:
         fd_delta = lib["after_kill"]["fds"] - lib["before"]["fds"]
     checks = {
-        "all_started": lib.get("started") == args.m,
+        "all_started": lib.get("started") == args.m and "start_timeout" not in lib,
         "rss_per_unit_ok": lib_kb is not None and lib_kb <= GOAL_KB_PER_UNIT,
         "fds_back_to_baseline": fd_delta is not None and abs(fd_delta) <= GOAL_FD_SLACK,
         "all_gone": "kill_timeout" not in lib and lib.get("tracked_jobs_after_kill") == 0,
@@ -299,8 +313,9 @@ def parent_main(args: argparse.Namespace) -> int:
     emit(
         {
             "benchmark": "scale",
-            "goal": f"library RSS per tracked unit <= {GOAL_KB_PER_UNIT:g} KB, fds back to baseline "
-            f"(+-{GOAL_FD_SLACK}) after all were killed, all {args.m} started, none left behind",
+            "goal": f"library RSS per tracked unit <= {GOAL_KB_PER_UNIT:g} KB, fds back to "
+            f"baseline (+-{GOAL_FD_SLACK}) after all were killed, all {args.m} started, "
+            "none left behind",
             "goal_met": met,
             "checks": checks,
             "library_rss_kb_per_unit": lib_kb,
@@ -369,6 +384,6 @@ if __name__ == "__main__":
         if a.worker:
             sys.exit(asyncio.run(worker_main(a)))
         sys.exit(parent_main(a))
-    except KeyboardInterrupt:  # the units were disposed of in the finally blocks
+    except (KeyboardInterrupt, asyncio.CancelledError):  # units were disposed of in finally
         log("interrupted")
         sys.exit(130)

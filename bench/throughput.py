@@ -209,8 +209,8 @@ async def main(args: argparse.Namespace) -> int:
                 "library_stdio": f"stdin=DEVNULL stdout={args.stdout.upper()} stderr=DEVNULL",
                 "raw_passes_devnull_fds": args.raw_fds,
                 "raw_reads_back_properties": args.raw_getall,
-                "raw_calls_per_unit": "AddMatch, StartTransientUnit, StopUnit (or ResetFailedUnit), "
-                "RemoveMatch; exit and inactive seen via PropertiesChanged",
+                "raw_calls_per_unit": "AddMatch, StartTransientUnit, StopUnit (or "
+                "ResetFailedUnit), RemoveMatch; exit and inactive seen via PropertiesChanged",
                 "config": args.config,
                 "profiled": bool(args.profile),
             },
@@ -267,6 +267,6 @@ if __name__ == "__main__":
     a = parse_args()
     try:
         sys.exit(asyncio.run(main(a)))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):  # units were disposed of in finally
         log("interrupted")
         sys.exit(130)

@@ -1,4 +1,4 @@
-"""``sdexec run``: one job, stdio relayed, its exit status as ours (like ``systemd-run --wait --pipe``).
+"""``sdexec run``: one job, stdio relayed, its status as ours (like ``systemd-run --wait --pipe``).
 
 Exit codes: the job's own exit code; 128+N when it was killed by signal N (not systemd-run's
 255, peer lessons); 2 for usage/config errors; 125 when the launcher failed or refused; 126/127

@@ -133,12 +133,7 @@ async def drain_node(
         log.error("could not record the drain locally: %s", e)
         rec = DrainRecord(" ".join(reason.split()), jobid, unit, time.time(), short_hostname())
         failure = e
-    log.error(
-        "draining node %s: %s%s",
-        rec.hostname,
-        rec.reason,
-        f" (job {jobid}, unit {unit})" if jobid or unit else "",
-    )
+    log.error("draining node %s: %s", rec.hostname, rec.reason)  # the reason names the job
     template = tuple(cfg.sdexec.drain_command or ())
     if template:
         await run_drain_command(

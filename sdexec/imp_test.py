@@ -92,7 +92,11 @@ def cgroup_path(proc_self_cgroup: str, *, unified: bool) -> str:
         else:
             found = "name=systemd" in controllers.split(",")
         if found:
-            return path.removesuffix(" (deleted)")
+            # Inside a container's cgroup namespace a v1 path can climb above the
+            # namespace root ("/../../sdexec.slice/x.service"); systemd's own hierarchy is
+            # mounted at that root, so the unit lives at the path without the climb.
+            kept = [p for p in path.removesuffix(" (deleted)").split("/") if p not in ("", "..")]
+            return "/" + "/".join(kept)
     which = "0::" if unified else "name=systemd"
     raise ImpError(f"/proc/self/cgroup has no {which} line: cannot find the unit's cgroup")
 

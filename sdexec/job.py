@@ -232,7 +232,8 @@ class BaseJob(ABC):
         self.result = "abandoned"
         if self.on_drain is not None:
             try:
-                await self.on_drain(self, f"{reason} (job {self.jobid}, unit {self.name})")
+                named = f"job {self.jobid}, " if f"job {self.jobid}" not in reason else ""
+                await self.on_drain(self, f"{reason} ({named}unit {self.name})")
             except Exception:
                 log.exception("draining the node failed")
         else:
@@ -242,7 +243,7 @@ class BaseJob(ABC):
         self.finish_gone()
 
     async def drain_stdio(self) -> None:
-        """Let the relays read to EOF, but only for a while: leftovers may hold them (Flux #6656)."""
+        """Let the relays read to EOF, for a while only: leftovers may hold them (Flux #6656)."""
         readers = [r for r in (self.stdout, self.stderr) if r is not None]
         if not readers:
             return

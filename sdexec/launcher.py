@@ -106,6 +106,14 @@ class Job(BaseJob):
         """``KillUnit``; a refusal (EPERM, Flux #6377) is logged and kept as the job's error."""
         if not self.running:
             return
+        if self.via_imp:
+            # A guest's processes are reached through the IMP only (as the reference, where
+            # the instance owner cannot signal them): it forwards signals to the shell and
+            # turns SIGUSR1 into SIGKILL of the whole unit; a SIGKILL would only kill it.
+            who = "main"
+            if signum == _signal.SIGKILL:
+                log.info("%s: SIGKILL goes to the IMP as SIGUSR1", self.unit)
+                signum = _signal.SIGUSR1
         try:
             await self.launcher.manager.call("KillUnit", "ssi", [self.unit, who, int(signum)])
         except BusCallError as e:

@@ -288,3 +288,9 @@ def test_sigusr1_kills_and_the_imp_dies_the_same_way(short_dir: str) -> None:
         out, _ = proc.communicate(timeout=20)
     assert out == ""
     assert proc.returncode == -signal.SIGKILL
+
+
+def test_cgroup_path_above_the_namespace_root_is_the_unit_path() -> None:
+    """In a container's cgroup namespace v1 paths may climb above its root: drop the climb."""
+    text = "9:name=systemd:/../../sdexec.slice/imp-shell-0-1.service\n0::/sdexec.slice/x\n"
+    assert cgroup_path(text, unified=False) == "/sdexec.slice/imp-shell-0-1.service"
