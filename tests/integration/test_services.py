@@ -20,8 +20,12 @@ SHELL = str(VENV_BIN / "sdexec-shell")
 
 
 def _journal_mentions(text: str, since: str) -> bool:
-    out = subprocess.run(["journalctl", "--since", since, "--no-pager", "-q"],
-                         capture_output=True, text=True, check=False).stdout
+    out = subprocess.run(
+        ["journalctl", "--since", since, "--no-pager", "-q"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
     return text in out
 
 
@@ -32,8 +36,17 @@ def _now() -> str:
 def test_testexec_simulates_without_a_unit(config: Config) -> None:
     since = _now()
     t0 = time.monotonic()
-    p = run_sdexec("run", "--config", config(), "--job", "160",
-                   "--setattr", "system.exec.test.run_duration=1s", "--", "/no/such/program")
+    p = run_sdexec(
+        "run",
+        "--config",
+        config(),
+        "--job",
+        "160",
+        "--setattr",
+        "system.exec.test.run_duration=1s",
+        "--",
+        "/no/such/program",
+    )
     elapsed = time.monotonic() - t0
     assert p.returncode == 0, p.stderr
     assert 0.9 < elapsed < 5, elapsed
@@ -42,18 +55,35 @@ def test_testexec_simulates_without_a_unit(config: Config) -> None:
 
 
 def test_testexec_wait_status_and_mock_exception(config: Config) -> None:
-    p = run_sdexec("run", "--config", config(), "--setattr", "system.exec.test.wait_status=3",
-                   "--", "true")
+    p = run_sdexec(
+        "run", "--config", config(), "--setattr", "system.exec.test.wait_status=3", "--", "true"
+    )
     assert p.returncode == 3, p.stderr
-    p = run_sdexec("run", "--config", config(), "--setattr",
-                   "system.exec.test.mock_exception=init", "--", "true")
+    p = run_sdexec(
+        "run",
+        "--config",
+        config(),
+        "--setattr",
+        "system.exec.test.mock_exception=init",
+        "--",
+        "true",
+    )
     assert p.returncode == 125 and "mock init exception" in p.stderr, p.stderr
 
 
 def test_service_override_refused_when_not_allowed(config: Config) -> None:
     since = _now()
-    p = run_sdexec("run", "--config", config(), "--job", "ovr1",
-                   "--setattr", "system.exec.bulkexec.service=rexec", "--", "true")
+    p = run_sdexec(
+        "run",
+        "--config",
+        config(),
+        "--job",
+        "ovr1",
+        "--setattr",
+        "system.exec.bulkexec.service=rexec",
+        "--",
+        "true",
+    )
     assert p.returncode == 125
     assert "service-override" in p.stderr and p.stderr.count("\n") == 1, p.stderr
     assert not _journal_mentions("ovr1", since)
@@ -61,12 +91,31 @@ def test_service_override_refused_when_not_allowed(config: Config) -> None:
 
 def test_service_override_runs_under_rexec(config: Config) -> None:
     cfg = config("service-override = true\n")
-    p = run_sdexec("run", "--config", cfg, "--job", "ovr2",
-                   "--setattr", "system.exec.bulkexec.service=rexec", "--", "cat", "/proc/self/cgroup")
+    p = run_sdexec(
+        "run",
+        "--config",
+        cfg,
+        "--job",
+        "ovr2",
+        "--setattr",
+        "system.exec.bulkexec.service=rexec",
+        "--",
+        "cat",
+        "/proc/self/cgroup",
+    )
     assert p.returncode == 0, p.stderr
     assert "shell-" not in p.stdout and "ovr2" not in p.stdout, p.stdout
-    p = run_sdexec("run", "--config", cfg, "--job", "ovr3",
-                   "--setattr", "system.exec.bulkexec.service=teleport", "--", "true")
+    p = run_sdexec(
+        "run",
+        "--config",
+        cfg,
+        "--job",
+        "ovr3",
+        "--setattr",
+        "system.exec.bulkexec.service=teleport",
+        "--",
+        "true",
+    )
     assert p.returncode == 2 and "teleport" in p.stderr
 
 
@@ -80,8 +129,21 @@ def test_guest_without_imp_is_refused(config: Config) -> None:
 
 def test_guest_runs_as_the_guest_through_the_imp(config: Config) -> None:
     cfg = config(f'imp = "{IMP}"\n')
-    p = run_sdexec("run", "--config", cfg, "--job", "guest1", "--owner", "guest", "--cwd", "/tmp",
-                   "--", "sh", "-c", "id -un; cat /proc/self/cgroup")
+    p = run_sdexec(
+        "run",
+        "--config",
+        cfg,
+        "--job",
+        "guest1",
+        "--owner",
+        "guest",
+        "--cwd",
+        "/tmp",
+        "--",
+        "sh",
+        "-c",
+        "id -un; cat /proc/self/cgroup",
+    )
     assert p.returncode == 0, p.stderr
     assert p.stdout.split()[0] == "guest", p.stdout
     assert "imp-shell-0-guest1.service" in p.stdout, p.stdout
@@ -92,9 +154,26 @@ def test_guest_cancel_goes_through_the_imp_with_sigusr1(config: Config) -> None:
         f'imp = "{IMP}"\nkill-timeout = "0.5s"\nkill-shell-delay = "1s"\nmax-term-count = 5\n'
     )
     proc = subprocess.Popen(
-        [*SDEXEC, "-v", "run", "--config", cfg, "--job", "guest2", "--owner", "guest",
-         "--cwd", "/tmp", "--", "sh", "-c", "trap '' TERM; echo ready; exec sleep 60"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            *SDEXEC,
+            "-v",
+            "run",
+            "--config",
+            cfg,
+            "--job",
+            "guest2",
+            "--owner",
+            "guest",
+            "--cwd",
+            "/tmp",
+            "--",
+            "sh",
+            "-c",
+            "trap '' TERM; echo ready; exec sleep 60",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     assert proc.stdout is not None
     assert proc.stdout.readline() == "ready\n"
@@ -108,8 +187,10 @@ def test_guest_cancel_goes_through_the_imp_with_sigusr1(config: Config) -> None:
 
 def test_configured_job_shell_is_the_main_process(config: Config) -> None:
     cfg = config(f'job-shell = "{SHELL}"\n')
-    script = ("pid=$(systemctl show -P ExecMainPID shell-0-js1.service); "
-              "tr '\\0' ' ' < /proc/$pid/cmdline")
+    script = (
+        "pid=$(systemctl show -P ExecMainPID shell-0-js1.service); "
+        "tr '\\0' ' ' < /proc/$pid/cmdline"
+    )
     p = run_sdexec("run", "--config", cfg, "--job", "js1", "--", "sh", "-c", script)
     assert p.returncode == 0, p.stderr
     assert SHELL in p.stdout.split()[:3], p.stdout
@@ -119,9 +200,7 @@ def _lazy_shell(tmp: Path) -> str:
     """A job shell whose rank 1 never reaches the barrier."""
     script = tmp / "lazy-shell"
     script.write_text(
-        "#!/bin/sh\n"
-        'if [ "$SDEXEC_RANK" = 1 ]; then exec sleep 60; fi\n'
-        f'exec {SHELL} "$@"\n'
+        f'#!/bin/sh\nif [ "$SDEXEC_RANK" = 1 ]; then exec sleep 60; fi\nexec {SHELL} "$@"\n'
     )
     script.chmod(0o755)
     return str(script)
@@ -143,8 +222,19 @@ def test_barrier_timeout_fails_the_job_and_drains(config: Config, tmp_path: Path
 
 def test_barrier_passes_when_all_arrive(config: Config) -> None:
     cfg = config('barrier-timeout = "5s"\n')
-    p = run_sdexec("run", "--config", cfg, "--job", "bar2", "--shells", "3", "--",
-                   "sh", "-c", "echo rank-$SDEXEC_RANK")
+    p = run_sdexec(
+        "run",
+        "--config",
+        cfg,
+        "--job",
+        "bar2",
+        "--shells",
+        "3",
+        "--",
+        "sh",
+        "-c",
+        "echo rank-$SDEXEC_RANK",
+    )
     assert p.returncode == 0, p.stderr
     assert sorted(p.stdout.split()) == ["rank-0", "rank-1", "rank-2"]
 
@@ -153,12 +243,14 @@ def test_barrier_timeout_zero_waits(config: Config, tmp_path: Path) -> None:
     cfg = config(f'job-shell = "{_lazy_shell(tmp_path)}"\nbarrier-timeout = "0"\n')
     proc = subprocess.Popen(
         [*SDEXEC, "run", "--config", cfg, "--job", "bar3", "--shells", "2", "--", "echo", "ran"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     time.sleep(3.5)
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=30)
+    out, _err = proc.communicate(timeout=30)
     assert "ran" not in out
     drains = json.loads(run_sdexec("drain", "list", "--json", "--config", cfg).stdout)
     assert drains == [], drains
