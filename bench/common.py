@@ -220,6 +220,7 @@ class RawUnit:
     name: str
     path: str
     active: str = ""
+    sub: str = ""
     code: int = 0
     status: int = 0
     was_active: bool = False
@@ -232,6 +233,9 @@ class RawUnit:
         v = changed.get("ActiveState")
         if v is not None:
             self.active = str(v.value)
+        v = changed.get("SubState")
+        if v is not None:
+            self.sub = str(v.value)
         v = changed.get("ExecMainCode")
         if v is not None:
             self.code = int(v.value)
@@ -242,8 +246,8 @@ class RawUnit:
             self.was_active = True
         if self.active == "active":
             self.started.set()
-        if self.code in CLD_CODES and self.active != "activating":
-            self.exited.set()
+        if self.code in CLD_CODES and self.active == "active" and self.sub == "exited":
+            self.exited.set()  # RemainAfterExit kept it: ours to stop
         if self.active in ("inactive", "failed") and self.was_active:
             self.failed = self.active == "failed"
             self.started.set()
@@ -421,8 +425,12 @@ class RawClient:
         return unit
 
     async def finish(self, unit: RawUnit) -> None:
-        """Stop a unit whose main process exited (unless it failed), reset it, drop the match."""
-        if not unit.gone.is_set() and unit.active == "active":
+        """Stop a unit whose main process exited (unless it failed), reset it, drop the match.
+
+        Only a unit in active/exited is stopped: one that is dying of a signal ends by itself,
+        and a stop job for it would only add to systemd's pending jobs.
+        """
+        if not unit.gone.is_set() and unit.active == "active" and unit.sub == "exited":
             with contextlib.suppress(RawCallError):
                 await self.call("StopUnit", "ss", [unit.name, "fail"])
         await unit.gone.wait()
@@ -451,52 +459,96 @@ class RawClient:
 
 
 async def cleanup_units(patterns: Iterable[str] = UNIT_PATTERNS, give_up_s: float = 60.0) -> int:
-    """Kill, stop and reset-failed every bench unit left; how many there were.
+    """Kill and reset-failed every bench unit left; how many there were.
 
     A fresh connection, so it still works when the benchmark's own one is what broke. It
-    lists units only here, at the end, never as a way of watching them.
+    lists units only here, at the end, never as a way of watching them. SIGKILL and
+    ResetFailedUnit create no systemd jobs; the few units that need a StopUnit get one at a
+    time per slot, each awaited to its JobRemoved: hundreds of pending jobs from one client
+    make systemd track that client once per job, past its own match-rule cap (see README).
     """
     pats = list(patterns)
     bus = MessageBus(bus_type=BusType.SYSTEM)
     await bus.connect()
     slots = asyncio.Semaphore(32)
+    removed: set[str] = set()
+    waiting: dict[str, asyncio.Future[None]] = {}
 
-    async def call(member: str, sig: str, body: list[Any]) -> list[Any]:
+    def on_message(msg: Message) -> None:
+        if msg.message_type == MessageType.SIGNAL and msg.member == "JobRemoved":
+            job = str(msg.body[1])
+            fut = waiting.pop(job, None)
+            if fut is None:
+                removed.add(job)
+            elif not fut.done():
+                fut.set_result(None)
+
+    async def call(
+        member: str,
+        sig: str,
+        body: list[Any],
+        *,
+        path: str = MANAGER_PATH,
+        iface: str = MANAGER_IFACE,
+        dest: str = SYSTEMD,
+    ) -> list[Any]:
         msg = Message(
-            destination=SYSTEMD,
-            path=MANAGER_PATH,
-            interface=MANAGER_IFACE,
+            destination=dest,
+            path=path,
+            interface=iface,
             member=member,
             signature=sig,
             body=body,
         )
-        async with slots:
-            reply = await bus.call(msg)
+        reply = await bus.call(msg)
         if reply.message_type == MessageType.ERROR:
             raise RawCallError(member, reply.error_name or "", str(reply.body[0]))
         return list(reply.body)
 
-    async def dispose(name: str, active: str) -> None:
-        with contextlib.suppress(RawCallError):
-            if active == "failed":
-                await call("ResetFailedUnit", "s", [name])
-            elif active != "inactive":
-                await call("KillUnit", "ssi", [name, "all", int(signal.SIGKILL)])
-                await call("StopUnit", "ss", [name, "replace"])
+    async def stop(name: str) -> None:
+        async with slots:
+            job = str((await call("StopUnit", "ss", [name, "replace"]))[0])
+            if job in removed:
+                return
+            fut = asyncio.get_running_loop().create_future()
+            waiting[job] = fut
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(fut, 30)
 
+    async def dispose(name: str, active: str, sub: str) -> None:
+        with contextlib.suppress(RawCallError):
+            async with slots:
+                if active == "failed":
+                    await call("ResetFailedUnit", "s", [name])
+                    return
+                if sub != "exited":
+                    await call("KillUnit", "ssi", [name, "all", int(signal.SIGKILL)])
+                    return
+            await stop(name)  # nothing left to kill (RemainAfterExit): only a stop ends it
+
+    bus.add_message_handler(on_message)
     found: set[str] = set()
     deadline = time.monotonic() + give_up_s
     try:
+        await call("Subscribe", "", [])
+        await call(
+            "AddMatch",
+            "s",
+            [f"type='signal',sender='{SYSTEMD}',interface='{MANAGER_IFACE}',member='JobRemoved'"],
+            path=DBUS_PATH,
+            iface=DBUS,
+            dest=DBUS,
+        )
         while True:
             units = (await call("ListUnitsByPatterns", "asas", [[], pats]))[0]
-            left = [(u[0], u[3]) for u in units if u[3] != "inactive"]
-            found.update(n for n, _ in left)
+            left = [(u[0], u[3], u[4]) for u in units if u[3] != "inactive"]
+            found.update(n for n, _, _ in left)
             if not left or time.monotonic() > deadline:
                 if left:
                     log(f"cleanup: {len(left)} bench units still there after {give_up_s:g}s")
                 break
-            await asyncio.gather(*(dispose(n, a) for n, a in left))
-            await asyncio.sleep(0.2)
+            await asyncio.gather(*(dispose(*u) for u in left))
+            await asyncio.sleep(0.3)
     finally:
         bus.disconnect()
     if found:

@@ -16,11 +16,14 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
-from .config import ExecConfig, load_config
+from .config import load_config
 from .errors import LaunchError, UsageError
+
+if TYPE_CHECKING:
+    from .jobexec import Handle
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +93,25 @@ def main(args: argparse.Namespace) -> int:
         shells=args.shells,
     )
     service = select_service(cfg, req)
-    return asyncio.run(_run(cfg, req, service, json_out=args.json))
+
+    async def start() -> Handle:
+        from .jobexec import start_job
+
+        return await start_job(cfg, req, service, stdin=0)
+
+    return asyncio.run(_supervise(start, jobid, time_limit, json_out=args.json))
 
 
 def attach(args: argparse.Namespace) -> int:
+    """Re-attach to a job whose launcher died: wait for it and exit with its status."""
     from .jobexec import attach_job
 
     cfg = load_config(args.config)
-    return asyncio.run(attach_job(cfg, args.job, user_manager=args.user, json_out=args.json))
+
+    async def start() -> Handle:
+        return await attach_job(cfg, args.job, user_manager=args.user)
+
+    return asyncio.run(_supervise(start, args.job, None, json_out=args.json))
 
 
 async def _relay(reader: asyncio.StreamReader | None, fd: int) -> None:
@@ -122,46 +136,57 @@ async def _relay(reader: asyncio.StreamReader | None, fd: int) -> None:
             return
 
 
-async def _run(cfg: ExecConfig, req: Any, service: str, *, json_out: bool) -> int:
-    from .jobexec import start_job
-
+async def _supervise(
+    start: Callable[[], Awaitable[Handle]], jobid: str, time_limit: float | None, *, json_out: bool
+) -> int:
+    """Start (or attach to) a job, relay its output, turn signals into a cancel; its status."""
     loop = asyncio.get_running_loop()
-    handle = await start_job(cfg, req, service, stdin=0)
-    try:
-        cancels = 0
+    handle: Handle | None = None
+    pending: list[int] = []
 
-        def on_signal(signum: int) -> None:
-            nonlocal cancels
-            cancels += 1
-            log.warning("%s: cancelling the job (%s)", handle.name, signal.Signals(signum).name)
+    def on_signal(signum: int) -> None:
+        # Ctrl-C / SIGTERM / SIGHUP cancel the job (its termination sequence), never
+        # abandon it; one arriving while the job starts applies once it has started.
+        log.warning("job %s: cancelling (%s)", jobid, signal.Signals(signum).name)
+        if handle is None:
+            pending.append(signum)
+        else:
             handle.cancel("cancel")
 
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            loop.add_signal_handler(sig, on_signal, sig)
-        timer: asyncio.TimerHandle | None = None
-        if req.time_limit is not None and req.time_limit > 0:
-            cancel_timeout: Callable[[], None] = lambda: handle.cancel("timeout")  # noqa: E731
-            timer = loop.call_later(req.time_limit, cancel_timeout)
-        relays = [
-            asyncio.create_task(_relay(reader, fd))
-            for job in handle.jobs
-            for reader, fd in ((job.stdout, 1), (job.stderr, 2))
-        ]
-        rc = await handle.wait()
-        await asyncio.gather(*relays, return_exceptions=True)
-        if timer is not None:
-            timer.cancel()
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    for sig in signals:
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        handle = await start()
+        try:
+            if pending:
+                handle.cancel("cancel")
+            timer: asyncio.TimerHandle | None = None
+            if time_limit is not None and time_limit > 0:
+                timer = loop.call_later(time_limit, handle.cancel, "timeout")
+            relays = [
+                asyncio.create_task(_relay(reader, fd))
+                for job in handle.jobs
+                for reader, fd in ((job.stdout, 1), (job.stderr, 2))
+            ]
+            rc = await handle.wait()
+            await asyncio.gather(*relays, return_exceptions=True)
+            if timer is not None:
+                timer.cancel()
+        finally:
+            await handle.close()
     finally:
-        await handle.close()
+        for sig in signals:
+            loop.remove_signal_handler(sig)
     report = handle.report()
     if json_out:
         sys.stderr.write(json.dumps(report) + "\n")
     if report.get("memory_note"):
-        sys.stderr.write(f"sdexec: job {req.jobid}: {report['memory_note']}\n")
+        sys.stderr.write(f"sdexec: job {jobid}: {report['memory_note']}\n")
     if rc is None or report.get("result") == "abandoned" or handle.error:
         # processes we could not kill: the node is drained and the job failed, whatever
         # its main process's status was
-        raise LaunchError(f"job {req.jobid}: {report.get('error') or 'no exit status'}")
+        raise LaunchError(f"job {jobid}: {report.get('error') or 'no exit status'}")
     if report.get("error"):
-        sys.stderr.write(f"sdexec: job {req.jobid}: {report['error']}\n")
+        sys.stderr.write(f"sdexec: job {jobid}: {report['error']}\n")
     return rc

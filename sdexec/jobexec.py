@@ -510,5 +510,43 @@ async def sweep_abandoned(cfg: ExecConfig, db: StateDB, *, user_manager: bool = 
     return cleaned
 
 
-async def attach_job(cfg: ExecConfig, jobid: str, *, user_manager: bool, json_out: bool) -> int:
-    raise RefusedError("attach: not implemented yet")
+async def attach_job(cfg: ExecConfig, jobid: str, *, user_manager: bool) -> Handle:
+    """Take over the shells of ``jobid`` whose launcher died (``sdexec attach``)."""
+    from .launcher import Launcher
+
+    db = _open_db(cfg)
+    handle = Handle(jobid=jobid, service="sdexec", db=db)
+    handle.cleanup.append(db.close)
+    try:
+        recs = [r for r in db.list_jobs() if r.jobid == jobid or r.jobid.startswith(jobid + ".")]
+        if not recs:
+            raise RefusedError(f"attach: no record of job {jobid} on this node (see 'sdexec jobs')")
+        for rec in recs:
+            if rec.live and rec.launcher_alive() and rec.launcher_pid != os.getpid():
+                raise RefusedError(
+                    f"attach: job {jobid} is still tracked by launcher pid {rec.launcher_pid}"
+                )
+            if rec.service != "sdexec":
+                raise RefusedError(
+                    f"attach: job {jobid} ran under {rec.service}: only sdexec units can be "
+                    "re-attached (a plain process's status dies with its parent)"
+                )
+        launcher = Launcher(cfg, user=user_manager)
+        await launcher.connect()
+        handle.cleanup.append(launcher.close)
+        for rec in recs:
+
+            async def on_drain(job: BaseJob, reason: str) -> None:
+                await _drain(cfg, db, reason, jobid, job.name)
+
+            db.update_job(rec.jobid, launcher_pid=os.getpid())
+            job = await launcher.adopt(
+                jobid, rec.unit, on_drain=on_drain, on_update=_publisher(db, rec.jobid)
+            )
+            log.info("attached to %s (%s)", rec.unit, job.state.active_state or "gone")
+            handle.jobs.append(job)
+            handle.cleanup.append(lambda key=rec.jobid: _finish_record(db, key))
+    except BaseException:
+        await handle.close()
+        raise
+    return handle

@@ -274,20 +274,8 @@ class Launcher:
         via_imp = spec.guest_user is not None
         if via_imp:
             plan = replace(plan, env={**plan.env, "SDEXEC_IMP_USER": str(spec.guest_user)})
-        job = Job(
-            spec.jobid,
-            plan.name,
-            self,
-            via_imp=via_imp,
-            keep_failed_unit=spec.keep_failed_unit,
-            on_drain=on_drain,
-            on_update=on_update,
-        )
-        job.termination = Termination(
-            KillPolicy.from_config(self.config, via_imp=via_imp), spec.jobid, self.clock
-        )
-        job.stop_timer = StopTimer(
-            StopTimerPolicy.from_config(self.config, via_imp=via_imp), self.clock
+        job = self._new_job(
+            spec.jobid, plan.name, via_imp, spec.keep_failed_unit, on_drain, on_update
         )
         path = job.path
         if path in self.jobs:
@@ -330,6 +318,71 @@ class Launcher:
             await self.forget(job)
             raise
         self._job_waiters.pop(plan.name, None)
+        job.publish()
+        return job
+
+    def _new_job(
+        self,
+        jobid: str,
+        unit: str,
+        via_imp: bool,
+        keep_failed_unit: bool,
+        on_drain: DrainHook | None,
+        on_update: UpdateHook | None,
+    ) -> Job:
+        job = Job(
+            jobid,
+            unit,
+            self,
+            via_imp=via_imp,
+            keep_failed_unit=keep_failed_unit,
+            on_drain=on_drain,
+            on_update=on_update,
+        )
+        job.termination = Termination(
+            KillPolicy.from_config(self.config, via_imp=via_imp), jobid, self.clock
+        )
+        job.stop_timer = StopTimer(
+            StopTimerPolicy.from_config(self.config, via_imp=via_imp), self.clock
+        )
+        return job
+
+    async def adopt(
+        self,
+        jobid: str,
+        unit: str,
+        *,
+        keep_failed_unit: bool = False,
+        on_drain: DrainHook | None = None,
+        on_update: UpdateHook | None = None,
+    ) -> Job:
+        """Track a unit another launcher started (it died): status, stop timer, cleanup.
+
+        The unit's own state tells what happened meanwhile: RemainAfterExit keeps an exited
+        job's status readable, and a failed unit is kept until reset, so nothing is lost
+        unless the unit was already collected (then ``error`` says so). Its stdio went with
+        the launcher that died.
+        """
+        job = self._new_job(
+            jobid, unit, unit.startswith("imp-shell-"), keep_failed_unit, on_drain, on_update
+        )
+        if job.path in self.jobs:
+            raise RefusedError(f"job {jobid}: unit {unit} is already tracked here")
+        self.jobs[job.path] = job
+        try:
+            await self.manager.watch_unit(job.path, job.on_props)
+            props = await self.manager.get_all(job.path)
+        except BaseException:
+            await self.forget(job)
+            raise
+        if props.get("LoadState") != "loaded":
+            job.error = f"unit {unit} no longer exists: its exit status is lost"
+            await self.forget(job)
+            job.finish_gone()
+            return job
+        job.pid = int(props.get("ExecMainPID", 0) or 0) or None
+        job.state.was_active = True  # it ran before we came: "inactive" now means it ended
+        job.on_props(job.path, props)
         job.publish()
         return job
 

@@ -1,0 +1,67 @@
+"""Re-attach after the launcher dies (kill -9): the job's status is still reported (issue 6)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+
+import pytest
+
+from .conftest import SDEXEC, run_sdexec
+
+Config = Callable[..., str]
+
+
+def _start_and_kill(cfg: str, jobid: str, script: str, kill_after: float) -> None:
+    proc = subprocess.Popen(
+        [*SDEXEC, "run", "--config", cfg, "--job", jobid, "--", "sh", "-c", script],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    time.sleep(kill_after)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("jobid", "script", "attach_after", "code"),
+    [
+        ("att-running", "sleep 3; exit 42", 0.0, 42),  # still running when re-attached
+        ("att-exited", "sleep 1.5; exit 0", 1.5, 0),  # exited meanwhile: active/exited
+        ("att-failed", "sleep 1.5; exit 43", 1.5, 43),  # failed meanwhile: failed unit kept
+        ("att-signal", "sleep 1.5; kill -9 $$", 1.5, 137),
+    ],
+)
+def test_attach_reports_status_after_launcher_kill(
+    config: Config, jobid: str, script: str, attach_after: float, code: int
+) -> None:
+    cfg = config()
+    _start_and_kill(cfg, jobid, script, kill_after=1.0)
+    jobs = json.loads(run_sdexec("jobs", "--json", "--config", cfg).stdout)
+    assert any(j["jobid"] == jobid for j in jobs), jobs
+    time.sleep(attach_after)
+    p = run_sdexec("attach", "--config", cfg, "--job", jobid, "--json", timeout=30)
+    assert p.returncode == code, p.stderr
+    report = json.loads(p.stderr.strip().splitlines()[-1])
+    assert report["exit_code"] == code
+    jobs = json.loads(run_sdexec("jobs", "--json", "--config", cfg).stdout)
+    assert not any(j["jobid"] == jobid for j in jobs), "the record outlived the job"
+
+
+def test_attach_refuses_unknown_and_live_jobs(config: Config) -> None:
+    cfg = config()
+    p = run_sdexec("attach", "--config", cfg, "--job", "nosuchjob")
+    assert p.returncode == 125 and "no record" in p.stderr
+    proc = subprocess.Popen(
+        [*SDEXEC, "run", "--config", cfg, "--job", "att-live", "--", "sleep", "30"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(1.0)
+        p = run_sdexec("attach", "--config", cfg, "--job", "att-live")
+        assert p.returncode == 125 and "still tracked" in p.stderr, p.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
