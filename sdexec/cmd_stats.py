@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -23,6 +24,8 @@ _JOB_KEYS = (
     "unit", "pid", "service", "state", "started", "running", "multiuser",
     "launcher_pid", "launcher_alive", "owner_uid", "created_at", "updated_at",
 )  # fmt: skip
+
+log = logging.getLogger(__name__)
 
 
 def open_state(args: argparse.Namespace) -> tuple[ExecConfig, StateDB]:
@@ -148,17 +151,35 @@ def describe_status(rec: JobRecord) -> str:
     return f"status {st}"
 
 
+def _orphans(known: set[str]) -> list[str]:
+    """Units without a record, when systemd can be asked; else none (and say why at -v)."""
+    import asyncio
+
+    from .errors import SdexecError
+    from .jobexec import orphan_units
+
+    try:
+        return asyncio.run(orphan_units(known))
+    except (SdexecError, OSError) as e:
+        log.info("cannot list job units from systemd: %s", e)
+        return []
+
+
 def jobs(args: argparse.Namespace) -> int:
     from .statedb import format_time
 
     _, db = open_state(args)
     with db:
         records = db.list_jobs()
+    orphans = _orphans({rec.unit for rec in records})
     if getattr(args, "json", False):
         out = [{**rec.to_json(), "launcher_alive": rec.launcher_alive()} for rec in records]
+        out += [{"jobid": None, "unit": unit, "state": "orphan"} for unit in orphans]
         json.dump(out, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
+    for unit in orphans:
+        print(f"orphan unit (no record here): {unit}")
     if not records:
         print("no jobs recorded")
         return 0

@@ -510,6 +510,21 @@ async def sweep_abandoned(cfg: ExecConfig, db: StateDB, *, user_manager: bool = 
     return cleaned
 
 
+async def orphan_units(known: set[str], *, user_manager: bool = False) -> list[str]:
+    """Job units systemd has that no record names (Flux #6590): one call, never a poll loop."""
+    from .bus import Manager
+
+    manager = Manager(user=user_manager)
+    await manager.connect()
+    try:
+        (units,) = await manager.call(
+            "ListUnitsByPatterns", "asas", [[], ["shell-*.service", "imp-shell-*.service"]]
+        )
+    finally:
+        await manager.close()
+    return sorted(u[0] for u in units if u[0] not in known)
+
+
 async def attach_job(cfg: ExecConfig, jobid: str, *, user_manager: bool) -> Handle:
     """Take over the shells of ``jobid`` whose launcher died (``sdexec attach``)."""
     from .launcher import Launcher

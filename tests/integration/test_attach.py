@@ -65,3 +65,15 @@ def test_attach_refuses_unknown_and_live_jobs(config: Config) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_units_without_a_record_are_reported(config: Config) -> None:
+    cfg = config()
+    subprocess.run(["systemd-run", "-q", "--unit", "shell-0-orphan1", "sleep", "30"], check=True)
+    try:
+        jobs = json.loads(run_sdexec("jobs", "--json", "--config", cfg).stdout)
+        assert {"jobid": None, "unit": "shell-0-orphan1.service", "state": "orphan"} in jobs
+        text = run_sdexec("jobs", "--config", cfg).stdout
+        assert "orphan unit (no record here): shell-0-orphan1.service" in text
+    finally:
+        subprocess.run(["systemctl", "stop", "shell-0-orphan1"], check=False)
