@@ -302,7 +302,7 @@ class Manager:
         ):
             # systemd re-executed (or restarted): it forgot our subscription and we may
             # have missed signals in between.
-            log.warning("systemd re-registered on the bus; re-subscribing")
+            log.info("systemd (re)registered on the bus; re-subscribing and re-reading units")
             task = asyncio.get_running_loop().create_task(self._after_reexec())
             self._bg.add(task)
             task.add_done_callback(self._bg.discard)
@@ -310,6 +310,9 @@ class Manager:
     async def _after_reexec(self) -> None:
         try:
             await self.call("Subscribe")
+        except BusCallError as e:
+            if "AlreadySubscribed" not in e.name:  # the same manager: nothing was lost
+                log.warning("re-subscribe after re-exec failed: %s", e)
         except LaunchError as e:
             log.warning("re-subscribe after re-exec failed: %s", e)
         self.reconnects += 1

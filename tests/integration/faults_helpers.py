@@ -106,16 +106,11 @@ async def run_batch(
         await launcher.connect()
         try:
             specs = [
-                JobSpec(jobid=jobid, argv=["sh", "-c", script], stderr=os.open(os.devnull, os.O_WRONLY))
-                for jobid, script in scripts.items()
+                JobSpec(jobid=jobid, argv=["sh", "-c", script]) for jobid, script in scripts.items()
             ]
-            try:
-                started = await asyncio.gather(
-                    *(launcher.start(s) for s in specs), return_exceptions=True
-                )
-            finally:
-                for s in specs:
-                    os.close(s.stderr)
+            started = await asyncio.gather(
+                *(launcher.start(s) for s in specs), return_exceptions=True
+            )
             jobs = [j for j in started if isinstance(j, Job)]
             failures = [f"{s.jobid}: {r!r}" for s, r in zip(specs, started) if not isinstance(r, Job)]
             if fault is not None:
