@@ -37,6 +37,17 @@ def num_fds() -> int:
     return psutil.Process().num_fds()
 
 
+def fd_table() -> dict[int, str]:
+    """What each open fd is, for the message when a count differs."""
+    out = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            out[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+    return out
+
+
 @dataclass
 class BatchResult:
     codes: dict[str, int | None]
@@ -45,6 +56,7 @@ class BatchResult:
     statuses_seen: dict[str, set[int]]
     fds_before: int
     fds_after: int
+    fd_diff: dict[int, str]
     elapsed: float
     reconnects: int
     start_failures: list[str] = field(default_factory=list)
@@ -100,6 +112,7 @@ async def run_batch(
             statuses.setdefault(job.jobid, set()).add(job.wait_status)
 
     fds_before = num_fds()
+    table_before = fd_table()
     t0 = time.monotonic()
     with count_finished() as calls:
         launcher = Launcher(cfg, on_update=on_update)
@@ -135,6 +148,7 @@ async def run_batch(
         statuses_seen=statuses,
         fds_before=fds_before,
         fds_after=num_fds(),
+        fd_diff={k: v for k, v in fd_table().items() if table_before.get(k) != v},
         elapsed=elapsed,
         reconnects=reconnects,
         start_failures=failures,

@@ -66,5 +66,5 @@ async def test_50_jobs_survive_systemd(config: Config, action: str) -> None:
     assert not res.start_failures, res.start_failures
     assert res.lost(expected) == [], f"{action}: statuses lost or wrong"
     assert not units_of(prefix)
-    assert abs(res.fds_after - res.fds_before) <= FD_SLACK, (res.fds_before, res.fds_after)
+    assert abs(res.fds_after - res.fds_before) <= FD_SLACK, (res.fds_before, res.fds_after, res.fd_diff)
     print(f"{action}: {N_JOBS} jobs, 0 lost, {res.elapsed:.1f}s, reconnects={res.reconnects}")
