@@ -19,9 +19,10 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from types import FrameType
 
+from .cgroup import CGROUP_ROOT, cgroup_pids, is_unified, kill_cgroup
 from .errors import SdexecError
 from .shell import exit_like
 
@@ -40,7 +41,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PROG = "sdexec-imp"
-CGROUP_ROOT = "/sys/fs/cgroup"
 POLL_INTERVAL = 0.2
 #: signals proxied to the shell's process group; SIGUSR1 is handled apart (SIGKILL the unit)
 PROXIED = (
@@ -101,11 +101,6 @@ def cgroup_path(proc_self_cgroup: str, *, unified: bool) -> str:
     raise ImpError(f"/proc/self/cgroup has no {which} line: cannot find the unit's cgroup")
 
 
-def is_unified(root: str = CGROUP_ROOT) -> bool:
-    """True on a cgroup v2 host (cgroup2 mounted at ``root``)."""
-    return os.path.exists(os.path.join(root, "cgroup.controllers"))
-
-
 def cgroup_dir(proc_self_cgroup: str, *, unified: bool, root: str = CGROUP_ROOT) -> str:
     """The cgroupfs directory of the unit's cgroup.
 
@@ -118,40 +113,6 @@ def cgroup_dir(proc_self_cgroup: str, *, unified: bool, root: str = CGROUP_ROOT)
         raise ImpError(f"cgroup /{path} is not a systemd unit's: not running inside a unit")
     base = root if unified else os.path.join(root, "systemd")
     return os.path.join(base, path)
-
-
-def cgroup_pids(directory: str) -> set[int]:
-    """Every process in the cgroup and its descendants (a job may create sub-cgroups)."""
-    pids: set[int] = set()
-    for dirpath, _dirs, files in os.walk(directory):
-        if "cgroup.procs" not in files:
-            continue
-        try:
-            with open(os.path.join(dirpath, "cgroup.procs")) as f:
-                pids.update(int(line) for line in f if line.strip())
-        except (FileNotFoundError, ProcessLookupError):
-            continue  # a sub-cgroup removed while we walked
-    return pids
-
-
-def kill_cgroup(directory: str, *, exclude: Iterable[int] = (), passes: int = 3) -> int:
-    """SIGKILL every process in the cgroup but ``exclude``; return how many were signalled.
-
-    Several passes, since a process may fork between the read and the kill.
-    """
-    skip = set(exclude)
-    killed = 0
-    for _ in range(passes):
-        victims = cgroup_pids(directory) - skip
-        if not victims:
-            break
-        for pid in victims:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                killed += 1
-            except ProcessLookupError:
-                pass
-    return killed
 
 
 def sd_notify(state: str, socket_path: str | None = None) -> bool:

@@ -26,6 +26,7 @@ from dbus_fast import Variant
 
 from . import unitstate as us
 from .bus import BusCallError, Manager
+from .cgroup import cgroup_pids, kill_cgroup, unit_cgroup_dir
 from .channel import DEVNULL, PIPE, Channels
 from .clock import Clock, MonotonicClock
 from .config import ExecConfig
@@ -40,7 +41,7 @@ from .start import (
     verify_applied,
 )
 from .stoptimer import StopTimer, StopTimerPolicy
-from .termination import KillPolicy, Termination
+from .termination import KillPolicy, Termination, format_seconds
 from .unitname import object_path, unit_name
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ class Job(BaseJob):
         self.path = object_path(unit)
         self._stop_requested = False
         self._channels: Channels | None = None
+        self.cgroup: str | None = None
 
     @property
     def unit(self) -> str:
@@ -136,6 +138,8 @@ class Job(BaseJob):
         return out
 
     def on_props(self, _path: str, changed: dict[str, Any]) -> None:
+        if changed.get("ControlGroup"):  # emptied once the unit is inactive: keep the last
+            self.cgroup = str(changed["ControlGroup"])
         for event in self.state.update(changed):
             self._on_event(event)
         if self.state.was_active:  # the "inactive" of a unit not yet started is no end
@@ -184,11 +188,40 @@ class Job(BaseJob):
             )
 
     async def _cleanup(self, failed: bool) -> None:
+        if not await self._reap_leftovers():
+            return  # abandoned: the node is drained, the unit kept for post-mortem
         if failed and not self.keep_failed_unit:
             await self.launcher.reset_failed(self.unit)
         await self.forget()
         await self.drain_stdio()
         self.finish_gone()
+
+    async def _reap_leftovers(self) -> bool:
+        """An inactive unit is done only if its cgroup is empty (Flux #6501).
+
+        With ``KillMode=process`` (guests), or an IMP that died, processes can outlive a unit
+        systemd calls inactive. They get what the stop timer gives a deactivating unit:
+        SIGKILL, and if they are still there after the stop timer again, abandon and drain.
+        """
+        directory = unit_cgroup_dir(self.cgroup) if self.cgroup else None
+        if directory is None or not cgroup_pids(directory):
+            return True
+        timeout = self.launcher.config.sdexec_stop_timer_sec
+        log.warning(
+            "%s: inactive but processes remain in %s: killing them", self.unit, self.cgroup
+        )
+        clock = self.clock
+        deadline = clock.now() + 2 * timeout
+        while cgroup_pids(directory):
+            if clock.now() >= deadline:
+                await self.abandon(
+                    f"processes remain in the cgroup of inactive unit {self.unit} after "
+                    f"SIGKILL and {format_seconds(2 * timeout)}s"
+                )
+                return False
+            kill_cgroup(directory)
+            await asyncio.sleep(0.1)
+        return True
 
 
 class Launcher:

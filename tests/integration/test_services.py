@@ -254,3 +254,26 @@ def test_barrier_timeout_zero_waits(config: Config, tmp_path: Path) -> None:
     assert "ran" not in out
     drains = json.loads(run_sdexec("drain", "list", "--json", "--config", cfg).stdout)
     assert drains == [], drains
+
+
+def test_leftovers_of_an_inactive_unit_are_killed(config: Config) -> None:
+    """The IMP dies (kill -9): with KillMode=process the unit fails while the guest's
+    processes remain in its cgroup (Flux #6501); sdexec must see and kill them."""
+    cfg = config(f'imp = "{IMP}"\nsdexec-stop-timer-sec = 2\n')
+    proc = subprocess.Popen(
+        [*SDEXEC, "-v", "run", "--config", cfg, "--job", "guest3", "--owner", "guest",
+         "--cwd", "/tmp", "--", "sh", "-c", "echo ready; exec sleep 61"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == "ready\n"
+    imp_pid = subprocess.run(
+        ["systemctl", "show", "-P", "ExecMainPID", "imp-shell-0-guest3.service"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    os.kill(int(imp_pid), signal.SIGKILL)
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + 9, err
+    assert "processes remain" in err, err
+    left = subprocess.run(["pgrep", "-f", "sleep 61"], capture_output=True, check=False)
+    assert left.returncode == 1, "a guest process outlived its unit"
