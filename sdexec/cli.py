@@ -169,6 +169,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         return 130
+    except ImportError as e:  # an install without its dependencies: say which, no traceback
+        sys.stderr.write(f"sdexec: missing dependency: {e} (pip install sdexec installs them)\n")
+        return 125
     except BrokenPipeError:
         return 141
 
