@@ -277,3 +277,11 @@ def test_leftovers_of_an_inactive_unit_are_killed(config: Config) -> None:
     assert "processes remain" in err, err
     left = subprocess.run(["pgrep", "-f", "sleep 61"], capture_output=True, check=False)
     assert left.returncode == 1, "a guest process outlived its unit"
+
+
+def test_testexec_guests_only_with_allow_guests(config: Config) -> None:
+    args = ["--owner", "guest", "--setattr", "system.exec.test.run_duration=0.1s", "--", "true"]
+    p = run_sdexec("run", "--config", config(), *args)
+    assert p.returncode == 125 and "allow-guests" in p.stderr, p.stderr
+    p = run_sdexec("run", "--config", config("[exec.testexec]\nallow-guests = true\n"), *args)
+    assert p.returncode == 0, p.stderr
