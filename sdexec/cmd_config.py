@@ -15,35 +15,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from .config import load_config
+from .show import toml_string
 
 __all__ = ["check", "dump_toml"]
 
 _BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
-_ESCAPES = {
-    '"': '\\"',
-    "\\": "\\\\",
-    "\b": "\\b",
-    "\t": "\\t",
-    "\n": "\\n",
-    "\f": "\\f",
-    "\r": "\\r",
-}
-
-
-def _string(s: str) -> str:
-    out = []
-    for ch in s:
-        if ch in _ESCAPES:
-            out.append(_ESCAPES[ch])
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\u{ord(ch):04X}")
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
 
 
 def _key(k: str) -> str:
-    return k if _BARE_KEY_RE.fullmatch(k) else _string(k)
+    return k if _BARE_KEY_RE.fullmatch(k) else toml_string(k)
 
 
 def _value(v: Any) -> str:
@@ -58,7 +38,7 @@ def _value(v: Any) -> str:
             return "inf" if v > 0 else "-inf"
         return repr(v)
     if isinstance(v, str):
-        return _string(v)
+        return toml_string(v)
     if isinstance(v, list | tuple):
         return "[" + ", ".join(_value(x) for x in v) + "]"
     if isinstance(v, Mapping):

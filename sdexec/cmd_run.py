@@ -63,8 +63,12 @@ def main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     cmd = _command(args)
     attrs = parse_assignments(args.setattr, "--setattr")
+    from .start import check_environment
+
+    extra_env = parse_assignments(args.env, "--env")
+    check_environment(extra_env, "--env")
     env = dict(os.environ)
-    env.update(parse_assignments(args.env, "--env"))
+    env.update(extra_env)
     jobid = args.job if args.job is not None else new_jobid()
     from .unitname import check_jobid
 

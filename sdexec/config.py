@@ -27,6 +27,7 @@ from .properties import (
     combine_errors,
     is_protected,
 )
+from .show import dotted, show_value
 from .signals import parse_signal, signal_name
 
 if sys.version_info >= (3, 11):  # noqa: UP036 - tomli keeps older Pythons working
@@ -212,17 +213,11 @@ class ExecConfig:
 # --- validation ---------------------------------------------------------------------------
 
 
-def _show(value: object) -> str:
-    """A value as it would look in TOML, for error messages."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, Mapping):
-        return "a table"
-    if isinstance(value, list):
-        return "an array"
-    return repr(value)
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _did_you_mean(word: str, choices: tuple[str, ...]) -> str | None:
@@ -241,12 +236,12 @@ class _Checker:
         self.errors: list[ConfigError] = []
 
     def error(self, path: Path, message: str) -> None:
-        self.errors.append(ConfigError(".".join(path), message, self.file_of(path)))
+        self.errors.append(ConfigError(dotted(path), message, self.file_of(path)))
 
     def table(self, data: Mapping[str, Any], path: Path, example: str) -> Mapping[str, Any]:
         value = data.get(path[-1], {})
         if not isinstance(value, Mapping):
-            self.error(path, f"{_show(value)} is not a table (e.g. {example})")
+            self.error(path, f"{show_value(value)} is not a table (e.g. {example})")
             return {}
         return value
 
@@ -265,9 +260,13 @@ class _Checker:
             return None
         value = table[path[-1]]
         if not isinstance(value, str) or not value:
-            self.error(path, f'{_show(value)} is not a path (an absolute path, e.g. "{example}")')
+            self.error(
+                path, f'{show_value(value)} is not a path (an absolute path, e.g. "{example}")'
+            )
         elif not os.path.isabs(value):
-            self.error(path, f'{_show(value)} is not an absolute path (e.g. "{example}")')
+            self.error(path, f'{show_value(value)} is not an absolute path (e.g. "{example}")')
+        elif "\0" in value:
+            self.error(path, f"{show_value(value)} contains a NUL character (not allowed)")
         else:
             return value
         return None
@@ -275,14 +274,14 @@ class _Checker:
     def boolean(self, table: Mapping[str, Any], path: Path, default: bool) -> bool:
         value = table.get(path[-1], default)
         if not isinstance(value, bool):
-            self.error(path, f"{_show(value)} is not a boolean (true or false)")
+            self.error(path, f"{show_value(value)} is not a boolean (true or false)")
             return default
         return value
 
     def count(self, table: Mapping[str, Any], path: Path, default: int) -> int:
         value = table.get(path[-1], default)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            self.error(path, f"{_show(value)} is not a positive integer (e.g. {default})")
+            self.error(path, f"{show_value(value)} is not a positive integer (e.g. {default})")
             return default
         return value
 
@@ -300,15 +299,15 @@ class _Checker:
             return default
         value = table[path[-1]]
         try:
-            seconds = parse_fsd(value, ".".join(path))
+            seconds = parse_fsd(value, dotted(path))
         except DurationError as e:
             self.error(path, str(e))
             return default
         if positive and seconds <= 0:
-            self.error(path, f'{_show(value)} is not a positive duration (e.g. "{example}")')
+            self.error(path, f'{show_value(value)} is not a positive duration (e.g. "{example}")')
             return default
         if finite and math.isinf(seconds):
-            self.error(path, f'{_show(value)} is not a finite duration (e.g. "{example}")')
+            self.error(path, f'{show_value(value)} is not a finite duration (e.g. "{example}")')
             return default
         return seconds
 
@@ -324,7 +323,10 @@ class _Checker:
     def strings(self, table: Mapping[str, Any], path: Path, example: str) -> tuple[str, ...]:
         value = table.get(path[-1], [])
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            self.error(path, f"{_show(value)} is not an array of strings (e.g. {example})")
+            self.error(path, f"{show_value(value)} is not an array of strings (e.g. {example})")
+            return ()
+        if any("\0" in v for v in value):
+            self.error(path, "contains a NUL character (not allowed)")
             return ()
         return tuple(value)
 
@@ -354,7 +356,7 @@ def _check_drain_command(argv: tuple[str, ...], path: Path, c: _Checker) -> tupl
         if not ok:
             c.error(
                 path,
-                f"{_show(arg)} has an unknown placeholder (accepted: {accepted}; "
+                f"{show_value(arg)} has an unknown placeholder (accepted: {accepted}; "
                 "write {{ and }} for literal braces)",
             )
             return ()
@@ -380,18 +382,18 @@ def _parse_site(data: Mapping[str, Any], c: _Checker) -> SiteConfig:
         if isinstance(value, str) and _SLICE_RE.fullmatch(value) and len(value) <= 255:
             slice_ = value
         else:
-            c.error((*P, "slice"), f'{_show(value)} is not a slice name (e.g. "sdexec.slice")')
+            c.error((*P, "slice"), f'{show_value(value)} is not a slice name (e.g. "sdexec.slice")')
     allow: list[str] = []
     for name in c.strings(sd, (*P, "allow-properties"), '["DevicePolicy", "ManagedOOMSwap"]'):
         if is_protected(name):
             c.error(
                 (*P, "allow-properties"),
-                f"{_show(name)} is set by sdexec itself and cannot be allowed",
+                f"{show_value(name)} is set by sdexec itself and cannot be allowed",
             )
         elif not re.fullmatch(r"[A-Z][A-Za-z0-9]*", name):
             c.error(
                 (*P, "allow-properties"),
-                f'{_show(name)} is not a systemd property name (e.g. "DevicePolicy")',
+                f'{show_value(name)} is not a systemd property name (e.g. "DevicePolicy")',
             )
         else:
             allow.append(name)
@@ -435,7 +437,7 @@ def _parse(data: Mapping[str, Any], file_of: FileOf, sources: tuple[str, ...]) -
             service = value
         else:
             choices = ", ".join(f'"{s}"' for s in SERVICES)
-            c.error((*P, "service"), f"{_show(value)} is not a service (one of {choices})")
+            c.error((*P, "service"), f"{show_value(value)} is not a service (one of {choices})")
     service_override = c.boolean(ex, (*P, "service-override"), d.service_override)
 
     raw_props: dict[str, str] = {}
@@ -456,12 +458,12 @@ def _parse(data: Mapping[str, Any], file_of: FileOf, sources: tuple[str, ...]) -
         if (
             isinstance(value, bool)
             or not isinstance(value, int | float)
-            or not math.isfinite(value)
+            or not _finite(value)
             or value <= 0
         ):
             c.error(
                 (*P, "sdexec-stop-timer-sec"),
-                f"{_show(value)} is not a number of seconds (a positive number, e.g. 30)",
+                f"{show_value(value)} is not a number of seconds (a positive number, e.g. 30)",
             )
         else:
             stop_sec = value
@@ -529,6 +531,10 @@ def _read_toml(file: str) -> dict[str, Any]:
         raise ConfigError(None, message, file) from None
     except UnicodeDecodeError:
         raise ConfigError(None, "is not UTF-8 text (a TOML file must be)", file) from None
+    except RecursionError:
+        raise ConfigError(None, "arrays or tables are nested too deeply", file) from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise ConfigError(None, f"a value cannot be read: {e}", file) from None
     except OSError as e:
         raise ConfigError(None, f"cannot read: {e.strerror or e}", file) from None
 
@@ -552,7 +558,7 @@ def _merge(
         elif path[0] in OUR_TABLES:
             errors.append(
                 ConfigError(
-                    ".".join(path),
+                    dotted(path),
                     f"already set in {origins[path]} (a key may be set in only one file)",
                     file,
                 )

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import re
 
+from .show import show_value
+
 __all__ = ["DurationError", "format_fsd", "parse_fsd"]
 
 _UNITS: dict[str, float] = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -28,25 +30,20 @@ class DurationError(ValueError):
         self.key = key
 
 
-def _show(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return repr(value)
-
-
 def parse_fsd(value: str | int | float, key: str = "duration") -> float:
     """Seconds from an FSD string, or from a TOML number taken as seconds.
 
     ``key`` is carried on the :class:`DurationError` so callers can name the setting; the
     message itself only shows the value and the accepted form.
     """
-    error = DurationError(f"{_show(value)} is not a duration {EXAMPLES}", key)
+    error = DurationError(f"{show_value(value)} is not a duration {EXAMPLES}", key)
     if isinstance(value, bool):  # bool is an int: true is not "1 second"
         raise error
     if isinstance(value, int | float):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # a TOML integer of hundreds of digits
+            raise error from None
         if math.isnan(seconds) or seconds < 0:
             raise error
         return seconds + 0.0  # -0.0 -> 0.0

@@ -23,6 +23,7 @@ from .channel import DEVNULL
 from .config import ExecConfig
 from .errors import LaunchError, RefusedError, SdexecError, UsageError
 from .job import BaseJob, Who
+from .show import show_value
 
 if TYPE_CHECKING:
     from .job import UpdateHook
@@ -53,10 +54,13 @@ class JobRequest:
     def owner_uid(self) -> int:
         if self.owner is None:
             return os.getuid()
+        owner = self.owner
         try:
-            return int(self.owner) if self.owner.isdigit() else pwd.getpwnam(self.owner).pw_uid
-        except KeyError:
-            raise UsageError(f"--owner: no such user {self.owner!r}") from None
+            if owner.isascii() and owner.isdigit():
+                return int(owner)
+            return pwd.getpwnam(owner).pw_uid
+        except (KeyError, ValueError):
+            raise UsageError(f"--owner: no such user {show_value(owner)}") from None
 
     def guest(self) -> bool:
         return self.owner_uid() != os.getuid()
@@ -84,7 +88,7 @@ def select_service(cfg: ExecConfig, req: JobRequest) -> str:
     if wanted is not None:
         if not cfg.service_override:
             raise RefusedError(
-                f"--setattr {SERVICE_ATTR}={wanted}: refused, exec.service-override is false "
+                f"--setattr {SERVICE_ATTR}={show_value(wanted)}: refused, exec.service-override is false "
                 "(set service-override = true in [exec] to allow it)"
             )
         if wanted not in SERVICES:
@@ -94,7 +98,7 @@ def select_service(cfg: ExecConfig, req: JobRequest) -> str:
         service = wanted
     if guest and not cfg.imp:
         raise RefusedError(
-            f"job {req.jobid}: owner {req.owner} is not the instance owner and exec.imp "
+            f"job {req.jobid}: owner {show_value(req.owner)} is not the instance owner and exec.imp "
             "is not set: "
             "guest jobs run only through the IMP"
         )

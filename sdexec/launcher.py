@@ -34,6 +34,7 @@ from .errors import CommandNotExecutable, LaunchError, RefusedError
 from .job import BaseJob, DrainHook, UpdateHook, Who
 from .start import (
     UnitPlan,
+    check_command,
     check_environment,
     properties,
     resolve_program,
@@ -207,9 +208,7 @@ class Job(BaseJob):
         if directory is None or not cgroup_pids(directory):
             return True
         timeout = self.launcher.config.sdexec_stop_timer_sec
-        log.warning(
-            "%s: inactive but processes remain in %s: killing them", self.unit, self.cgroup
-        )
+        log.warning("%s: inactive but processes remain in %s: killing them", self.unit, self.cgroup)
         clock = self.clock
         deadline = clock.now() + 2 * timeout
         while cgroup_pids(directory):
@@ -268,6 +267,7 @@ class Launcher:
         env = dict(os.environ if spec.env is None else spec.env)
         check_environment(env)
         cwd = spec.cwd or os.getcwd()
+        check_command(spec.argv, cwd)
         via_imp = spec.guest_user is not None
         argv = [*spec.shell, *spec.argv]
         if not spec.argv:

@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass
 from fractions import Fraction
 
+from .show import show_value
+
 __all__ = [
     "INFINITY",
     "MemoryBytes",
@@ -46,17 +48,13 @@ class MemoryPercent:
 MemoryValue = MemoryBytes | MemoryPercent
 
 
-def _show(value: object) -> str:
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return repr(value)
-
-
 def parse_memory(value: str) -> MemoryValue:
     """Parse a memory value; fractional sizes ("1.5G") are floored to whole bytes."""
     if not isinstance(value, str):
-        raise ValueError(f"{_show(value)} is not a memory size {EXAMPLES}")
+        raise ValueError(f"{show_value(value)} is not a memory size {EXAMPLES}")
     text = value.strip()
+    if len(text) > 64:  # no size is that long; and int() of 5000 digits is an error of its own
+        raise ValueError(f"{show_value(value)} is not a memory size {EXAMPLES}")
     if text == "infinity":
         return MemoryBytes(INFINITY)
     if text.endswith("%"):
@@ -64,17 +62,17 @@ def parse_memory(value: str) -> MemoryValue:
         permyriad = int(Fraction(m.group("num")) * 100) if m else None
         if permyriad is None or permyriad > 10000:
             raise ValueError(
-                f"{_show(value)} is not a memory size "
+                f"{show_value(value)} is not a memory size "
                 '(a percentage is 0% to 100% with up to 2 decimals, e.g. "90%" or "12.5%")'
             )
         return MemoryPercent(permyriad)
     m = _SIZE_RE.fullmatch(text)
     if m is None:
-        raise ValueError(f"{_show(value)} is not a memory size {EXAMPLES}")
+        raise ValueError(f"{show_value(value)} is not a memory size {EXAMPLES}")
     n = int(Fraction(m.group("num")) * _SUFFIXES[m.group("suffix").upper()])
     if n > INFINITY:
         raise ValueError(
-            f'{_show(value)} is not a memory size (less than 16E, e.g. "512M", or "infinity")'
+            f'{show_value(value)} is not a memory size (less than 16E, e.g. "512M", or "infinity")'
         )
     return MemoryBytes(n)
 

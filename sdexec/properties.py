@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from . import memory
 from .errors import ConfigError
+from .show import dotted, show_value
 
 __all__ = [
     "MEMORY_PROPERTIES",
@@ -89,49 +90,40 @@ def combine_errors(errors: Sequence[ConfigError]) -> ConfigError:
     return combined
 
 
-def _show(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, Mapping):
-        return "a table"
-    if isinstance(value, list):
-        return "an array"
-    return repr(value)
-
-
 def _bool(value: str) -> bool:
     v = value.strip().lower()
     if v in _TRUE:
         return True
     if v in _FALSE:
         return False
-    raise ValueError(f"{_show(value)} is not a boolean (yes/no, true/false, on/off, 1/0)")
+    raise ValueError(f"{show_value(value)} is not a boolean (yes/no, true/false, on/off, 1/0)")
 
 
 def _u64_infinity(value: str) -> int:
     v = value.strip()
     if v == "infinity":
         return UINT64_MAX
-    if re.fullmatch(r"[0-9]+", v) and int(v) <= UINT64_MAX:
+    if re.fullmatch(r"[0-9]{1,20}", v) and int(v) <= UINT64_MAX:
         return int(v)
     raise ValueError(
-        f'{_show(value)} is not a time in microseconds (an integer, e.g. "90000000", or "infinity")'
+        f"{show_value(value)} is not a time in microseconds "
+        '(an integer, e.g. "90000000", or "infinity")'
     )
 
 
 def _oom_score(value: str) -> int:
     v = value.strip()
-    if re.fullmatch(r"[+-]?[0-9]+", v) and -1000 <= int(v) <= 1000:
+    if re.fullmatch(r"[+-]?[0-9]{1,5}", v) and -1000 <= int(v) <= 1000:
         return int(v)
-    raise ValueError(f'{_show(value)} is not an OOM score adjustment (-1000 to 1000, e.g. "500")')
+    raise ValueError(
+        f'{show_value(value)} is not an OOM score adjustment (-1000 to 1000, e.g. "500")'
+    )
 
 
 def cpuset_bitmap(value: str) -> bytes:
     """A CPU/NUMA-node list ("0-3,5") as systemd's D-Bus bitmap: byte i bit j is CPU 8i+j."""
     error = ValueError(
-        f'{_show(value)} is not a CPU list (numbers and ranges up to {MAX_CPU}, e.g. "0-3,5")'
+        f'{show_value(value)} is not a CPU list (numbers and ranges up to {MAX_CPU}, e.g. "0-3,5")'
     )
     text = value.strip()
     if text.startswith("[") and text.endswith("]"):  # Flux idset form "[0-3]"
@@ -140,7 +132,7 @@ def cpuset_bitmap(value: str) -> bytes:
     for part in re.split(r"[,\s]+", text):
         if not part:
             continue
-        m = re.fullmatch(r"([0-9]+)(?:-([0-9]+))?", part)
+        m = re.fullmatch(r"([0-9]{1,7})(?:-([0-9]{1,7}))?", part)
         if m is None:
             raise error
         lo = int(m.group(1))
@@ -160,7 +152,7 @@ def _device_allow(value: str) -> tuple[tuple[str, str], ...]:
         fields = entry.split()
         if len(fields) != 2 or not re.fullmatch(r"[rwm]+", fields[1]):
             raise ValueError(
-                f"{_show(value)} is not a device list "
+                f"{show_value(value)} is not a device list "
                 '(comma-separated "SPECIFIER PERMS", e.g. "/dev/nvidiactl rw")'
             )
         pairs.append((fields[0], fields[1]))
@@ -210,11 +202,16 @@ def collect_properties(
     props: list[UnitProperty] = []
     errors: list[ConfigError] = []
     for name, value in table.items():
-        key = f"{TABLE}.{name}"
+        key = dotted((*TABLE.split("."), name))
         file = file_of(name)
         if not isinstance(value, str):
-            problem = f'{_show(value)} is not a string (values are strings, e.g. "1024" or "512M")'
+            problem = (
+                f'{show_value(value)} is not a string (values are strings, e.g. "1024" or "512M")'
+            )
             errors.append(ConfigError(key, problem, file))
+            continue
+        if "\0" in value:
+            errors.append(ConfigError(key, "contains a NUL character (not allowed)", file))
             continue
         if is_protected(name):
             problem = "is set by sdexec itself and cannot be overridden"

@@ -21,7 +21,7 @@ from .clock import Clock, MonotonicClock
 from .config import ExecConfig
 from .errors import CommandNotExecutable
 from .job import BaseJob, DrainHook, UpdateHook, Who
-from .start import check_environment, resolve_program
+from .start import check_command, check_environment, resolve_program
 from .stoptimer import StopTimer, StopTimerPolicy
 from .termination import KillPolicy, Termination
 
@@ -69,6 +69,7 @@ class RexecJob(BaseJob):
         on_update: UpdateHook | None = None,
     ) -> RexecJob:
         check_environment(env)
+        check_command(argv, cwd)
         path = resolve_program(argv[0], env, cwd)
         try:
             proc = await asyncio.create_subprocess_exec(

@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 import signal
 
+from .show import show_value
+
 __all__ = ["parse_signal", "signal_name"]
 
 EXAMPLES = '(e.g. "SIGTERM", "TERM" or 15)'
@@ -16,14 +18,6 @@ _NSIG = int(getattr(signal, "NSIG", 65))
 _RTMIN = int(getattr(signal, "SIGRTMIN", 0)) or None
 _RTMAX = int(getattr(signal, "SIGRTMAX", 0)) or None
 _RT_RE = re.compile(r"SIGRT(?P<base>MIN|MAX)(?:(?P<sign>[+-])(?P<off>[0-9]+))?")
-
-
-def _show(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return repr(value)
 
 
 def _by_name(name: str) -> int | None:
@@ -44,14 +38,14 @@ def _by_name(name: str) -> int | None:
 
 def parse_signal(value: str | int) -> int:
     """A signal number, from a name (any case, with or without ``SIG``) or a number."""
-    error = ValueError(f"{_show(value)} is not a signal {EXAMPLES}")
+    error = ValueError(f"{show_value(value)} is not a signal {EXAMPLES}")
     if isinstance(value, bool):
         raise error
     if isinstance(value, int):
         n: int | None = value
     elif isinstance(value, str):
         text = value.strip()
-        n = int(text) if re.fullmatch(r"[0-9]+", text) else _by_name(text)
+        n = int(text) if re.fullmatch(r"[0-9]{1,4}", text) else _by_name(text)
     else:
         raise error
     if n is None or not 1 <= n < _NSIG:

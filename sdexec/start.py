@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import CommandNotExecutable, CommandNotFound, UsageError
+from .show import show_value
 
 USEC = 1_000_000
 INFINITY_USEC = 2**64 - 1
@@ -61,13 +62,34 @@ def resolve_program(program: str, env: Mapping[str, str], cwd: str) -> str:
     return os.path.abspath(found)
 
 
-def check_environment(env: Mapping[str, str]) -> None:
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_environment(env: Mapping[str, str], origin: str = "the job's environment") -> None:
     """systemd refuses malformed assignments with an opaque InvalidArgs: say which one."""
     for key, value in env.items():
-        if not key or "=" in key or any(c in key for c in "\0\n") or not key.isprintable():
-            raise UsageError(f"--env: {key!r} is not a valid variable name (e.g. FOO=bar)")
-        if "\0" in value:
-            raise UsageError(f"--env: the value of {key} contains a NUL byte")
+        if not key or "=" in key or not key.isprintable() or not _utf8(key):
+            raise UsageError(
+                f"{origin}: {show_value(key)} is not a valid variable name (e.g. FOO=bar)"
+            )
+        if "\0" in value or not _utf8(value):
+            raise UsageError(
+                f"{origin}: the value of {show_value(key)} contains a NUL byte or is not UTF-8"
+            )
+
+
+def check_command(argv: Sequence[str], cwd: str) -> None:
+    """NUL bytes and non-UTF-8 text cannot cross D-Bus or exec(): refuse them up front."""
+    for arg in argv:
+        if "\0" in arg or not _utf8(arg):
+            raise UsageError(f"the command: {show_value(arg)} contains a NUL byte or is not UTF-8")
+    if "\0" in cwd or not _utf8(cwd):
+        raise UsageError(f"--cwd: {show_value(cwd)} contains a NUL byte or is not UTF-8")
 
 
 def escape_dollars(arg: str) -> str:
@@ -115,7 +137,8 @@ def stop_timeout_usec(stop_timer_sec: float, *, via_imp: bool) -> int:
     """
     if via_imp:
         return INFINITY_USEC
-    return int((2 * stop_timer_sec + 5) * USEC)
+    usec = (2 * stop_timer_sec + 5) * USEC
+    return INFINITY_USEC if usec >= INFINITY_USEC else int(usec)  # also for inf
 
 
 def verify_applied(wanted: Sequence[tuple[str, str, Any]], actual: Mapping[str, Any]) -> list[str]:

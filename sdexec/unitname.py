@@ -23,6 +23,10 @@ def check_jobid(jobid: str) -> str:
         raise UsageError("--job: the job id is empty (e.g. --job 123 or --job fA3xK9)")
     if len(jobid) > JOBID_MAX:
         raise UsageError(f"--job: the job id is {len(jobid)} characters long (at most {JOBID_MAX})")
+    try:
+        jobid.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError("--job: the job id is not valid UTF-8 text") from None
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in jobid):
         raise UsageError(
             "--job: the job id contains control characters (letters, digits, - _ . : only)"
