@@ -272,8 +272,12 @@ class RawClient:
         self.units: dict[str, RawUnit] = {}
         self.matched: set[str] = set()
         self.namespace_match_at: int | None = None  # matches held when the limit was hit
+        self.systemd_left_bus = 0  # times systemd's connection went away while we watched
+        self.systemd_left_after: int | None = None  # our calls sent when it first did
+        self.calls_sent = 0
         self._slots = asyncio.Semaphore(max_in_flight)  # the bus caps pending replies at 128
         self._switch = asyncio.Lock()
+        self._tasks: set[asyncio.Future[Any]] = set()
         self._namespace_rule = (
             f"type='signal',sender='{SYSTEMD}',path_namespace='{UNIT_NAMESPACE}',"
             f"interface='{PROPS_IFACE}',member='PropertiesChanged'"
@@ -285,6 +289,11 @@ class RawClient:
         await bus.connect()
         bus.add_message_handler(self._on_message)
         self._bus = bus
+        await self._dbus(
+            "AddMatch",
+            f"type='signal',sender='{DBUS}',interface='{DBUS}',member='NameOwnerChanged',"
+            f"arg0='{SYSTEMD}'",
+        )
         await self.call("Subscribe")
 
     async def close(self) -> None:
@@ -314,6 +323,7 @@ class RawClient:
             unix_fds=list(unix_fds),
         )
         async with self._slots:
+            self.calls_sent += 1
             reply = await self._bus.call(msg)
         if reply.message_type == MessageType.ERROR:
             text = str(reply.body[0]) if reply.body else ""
@@ -339,6 +349,12 @@ class RawClient:
             if "LimitsExceeded" not in e.name:
                 raise
             await self._switch_to_namespace()
+
+    async def watch_all_units(self) -> None:
+        """One rule for every unit from the start, so the match-rule cap is not in play."""
+        if self.namespace_match_at is None:
+            await self._dbus("AddMatch", self._namespace_rule)
+            self.namespace_match_at = len(self.matched)
 
     async def _switch_to_namespace(self) -> None:
         """Past dbus-daemon's match-rule cap: one rule for every unit, filtered here.
@@ -377,7 +393,20 @@ class RawClient:
             await self._dbus("RemoveMatch", self._rule(path))
 
     def _on_message(self, msg: Message) -> None:
-        if msg.message_type != MessageType.SIGNAL or msg.member != "PropertiesChanged":
+        if msg.message_type != MessageType.SIGNAL:
+            return
+        if msg.member == "NameOwnerChanged" and msg.body and msg.body[0] == SYSTEMD:
+            if not msg.body[2]:
+                self.systemd_left_bus += 1
+                if self.systemd_left_after is None:
+                    self.systemd_left_after = self.calls_sent
+                log(f"systemd left the bus (after {self.calls_sent} calls of ours)")
+            else:  # back: it forgot our Subscribe
+                task = asyncio.ensure_future(self.call("Subscribe"))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            return
+        if msg.member != "PropertiesChanged":
             return
         unit = self.units.get(msg.path or "")
         if unit is not None and len(msg.body) > 1:

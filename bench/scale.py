@@ -58,6 +58,7 @@ def snapshot() -> dict[str, Any]:
         "fds": p.num_fds(),
         "threads": p.num_threads(),
         "tasks": len(asyncio.all_tasks()),
+        "gc_objects": len(gc.get_objects()),  # a leak shows here even when RSS is not returned
     }
 
 
@@ -77,6 +78,39 @@ async def bounded(
         return []
 
 
+async def simulate_namespace_match(mgr: Any, out: dict[str, Any]) -> None:
+    """The proposed fix, simulated through private members: one rule for all units at once."""
+    if not hasattr(mgr, "_add_match") or not hasattr(mgr, "_namespace_match"):
+        out["namespace_match_simulated"] = "not possible: Manager has changed"
+        return
+    await mgr._add_match(
+        "type='signal',sender='org.freedesktop.systemd1',"
+        "path_namespace='/org/freedesktop/systemd1/unit',"
+        "interface='org.freedesktop.DBus.Properties',member='PropertiesChanged'"
+    )
+    mgr._namespace_match = True
+    out["namespace_match_simulated"] = True
+
+
+def planned_end(args: argparse.Namespace) -> float:
+    """With ``--end exit``: the wall-clock time at which every unit exits by itself."""
+    return time.time() + float(args.m / args.exit_rate + args.settle + 3)
+
+
+def unit_argv(args: argparse.Namespace, t_end: float) -> list[str]:
+    """``sleep`` until the common end, so all M main processes exit 0 within a few ms."""
+    if args.end == "kill":
+        return list(args.argv)
+    return ["sleep", f"{max(0.5, t_end - time.time()):.3f}"]
+
+
+async def begin_end(args: argparse.Namespace, t_end: float) -> float:
+    """Wait for the planned exit (``--end exit``); the monotonic time the end phase starts."""
+    if args.end == "exit":
+        await asyncio.sleep(max(0.0, t_end - time.time()))
+    return time.monotonic()
+
+
 async def lib_worker(args: argparse.Namespace, prefix: str, out: dict[str, Any]) -> None:
     from sdexec.channel import DEVNULL, PIPE
     from sdexec.config import ExecConfig, load_config
@@ -86,15 +120,19 @@ async def lib_worker(args: argparse.Namespace, prefix: str, out: dict[str, Any])
     out_spec = PIPE if args.stdio == "pipe" else DEVNULL
     jobs: list[Job] = []
     async with Launcher(cfg) as launcher:
+        if args.lib_namespace_match:
+            await simulate_namespace_match(launcher.manager, out)
         await asyncio.sleep(0.2)
         out["before"] = snapshot()
         tracer = _start_tracemalloc(args.tracemalloc)
+
+        t_end = planned_end(args)
 
         async def start(i: int) -> None:
             job = await launcher.start(
                 JobSpec(
                     jobid=f"{prefix}-L{i}",
-                    argv=args.argv,
+                    argv=unit_argv(args, t_end),
                     stdin=DEVNULL,
                     stdout=out_spec,
                     stderr=out_spec,
@@ -119,33 +157,35 @@ async def lib_worker(args: argparse.Namespace, prefix: str, out: dict[str, Any])
         if tracer is not None:
             out["tracemalloc_top_per_unit"] = _tracemalloc_top(tracer, args.tracemalloc, len(jobs))
 
-        t0 = time.perf_counter()
-        for job in jobs:
-            job.kill()
+        out["ended_before_measured"] = sum(not j.running for j in jobs)
+        t0 = await begin_end(args, t_end)
+        if args.end == "kill":
+            for job in jobs:
+                job.kill()
         codes: dict[str, int] = {}
         try:
             async with asyncio.timeout(args.timeout):
                 for rc in await asyncio.gather(*(j.wait() for j in jobs)):
                     codes[str(rc)] = codes.get(str(rc), 0) + 1
         except TimeoutError:
-            out["kill_timeout"] = (
+            out["end_timeout"] = (
                 f"{sum(j.running for j in jobs)} jobs still running after {args.timeout}s"
             )
-        out["kill_seconds"] = rnd(time.perf_counter() - t0)
+        out["end_seconds"] = rnd(time.monotonic() - t0)
         out["returncodes"] = codes
+        out["bus_reconnects"] = getattr(mgr, "reconnects", None)
         errs = [j.error for j in jobs if j.error]
         if errs:
             out["job_errors"] = error_summary([RuntimeError(e) for e in errs])
-        log(f"library: killed and waited in {out['kill_seconds']}s: {codes}")
+        log(f"library: all {args.end} and waited in {out['end_seconds']}s: {codes}")
         await asyncio.sleep(args.settle)
-        out["after_kill"] = snapshot()
-        out["tracked_jobs_after_kill"] = len(launcher.jobs)
+        out["after_end"] = snapshot()
+        out["tracked_jobs_after_end"] = len(launcher.jobs)
         jobs.clear()
     out["after_close"] = snapshot()
 
 
 async def raw_worker(args: argparse.Namespace, prefix: str, out: dict[str, Any]) -> None:
-    argv = [shutil.which(args.argv[0]) or args.argv[0], *args.argv[1:]]
     client = RawClient(pass_fds=True)
     await client.connect()
     units: list[RawUnit] = []
@@ -153,7 +193,11 @@ async def raw_worker(args: argparse.Namespace, prefix: str, out: dict[str, Any])
         await asyncio.sleep(0.2)
         out["before"] = snapshot()
 
+        t_end = planned_end(args)
+
         async def start(i: int) -> None:
+            argv = unit_argv(args, t_end)
+            argv[0] = shutil.which(argv[0]) or argv[0]
             units.append(await client.start(f"{prefix}-R{i}", argv))
 
         t0 = time.perf_counter()
@@ -168,21 +212,29 @@ async def raw_worker(args: argparse.Namespace, prefix: str, out: dict[str, Any])
         out["match_rules_per_unit"] = len(client.matched)
         out["namespace_match_at"] = client.namespace_match_at
 
-        t0 = time.perf_counter()
+        out["ended_before_measured"] = sum(u.exited.is_set() for u in units)
+        t0 = await begin_end(args, t_end)
+
+        async def end(i: int) -> None:
+            if args.end == "kill":
+                await client.kill(units[i], signal.SIGKILL)
+            else:
+                await units[i].exited.wait()
+                await client.finish(units[i])
+
         try:
             async with asyncio.timeout(args.timeout):
-                kill_errors = await workers(
-                    len(units), args.m, lambda i: client.kill(units[i], signal.SIGKILL)
-                )
-            if kill_errors:
-                out["kill_errors"] = error_summary(kill_errors)
+                end_errors = await workers(len(units), len(units), end)
+            if end_errors:
+                out["end_errors"] = error_summary(end_errors)
         except TimeoutError:
-            out["kill_timeout"] = f"{sum(not u.gone.is_set() for u in units)} units left"
-        out["kill_seconds"] = rnd(time.perf_counter() - t0)
-        log(f"raw: killed and waited in {out['kill_seconds']}s")
+            out["end_timeout"] = f"{sum(not u.gone.is_set() for u in units)} units left"
+        out["end_seconds"] = rnd(time.monotonic() - t0)
+        out["systemd_left_bus"] = client.systemd_left_bus
+        log(f"raw: all {args.end} and waited in {out['end_seconds']}s")
         units.clear()
         await asyncio.sleep(args.settle)
-        out["after_kill"] = snapshot()
+        out["after_end"] = snapshot()
     finally:
         await client.close()
     out["after_close"] = snapshot()
@@ -262,6 +314,11 @@ def run_worker(kind: str, args: argparse.Namespace, prefix: str) -> dict[str, An
         str(args.timeout),
         "--tracemalloc",
         str(args.tracemalloc),
+        "--end",
+        args.end,
+        "--exit-rate",
+        str(args.exit_rate),
+        *(["--lib-namespace-match"] if args.lib_namespace_match else []),
     ]
     if args.config:
         argv += ["--config", args.config]
@@ -300,28 +357,29 @@ def parent_main(args: argparse.Namespace) -> int:
     lib, raw = results.get("library", {}), results.get("raw", {})
     lib_kb, raw_kb = per_unit_kb(lib), per_unit_kb(raw)
     fd_delta = None
-    if "after_kill" in lib:
-        fd_delta = lib["after_kill"]["fds"] - lib["before"]["fds"]
+    if "after_end" in lib:
+        fd_delta = lib["after_end"]["fds"] - lib["before"]["fds"]
     checks = {
         "all_started": lib.get("started") == args.m and "start_timeout" not in lib,
         "rss_per_unit_ok": lib_kb is not None and lib_kb <= GOAL_KB_PER_UNIT,
         "fds_back_to_baseline": fd_delta is not None and abs(fd_delta) <= GOAL_FD_SLACK,
-        "all_gone": "kill_timeout" not in lib and lib.get("tracked_jobs_after_kill") == 0,
+        "all_gone": "end_timeout" not in lib and lib.get("tracked_jobs_after_end") == 0,
+        "systemd_stayed_on_bus": not lib.get("bus_reconnects"),
         "no_leftover_units": leftover == 0 and not lib.get("leftover_units"),
     }
-    met = all(checks.values()) and args.tracemalloc == 0
+    met = all(checks.values()) and args.tracemalloc == 0 and not args.lib_namespace_match
     emit(
         {
             "benchmark": "scale",
             "goal": f"library RSS per tracked unit <= {GOAL_KB_PER_UNIT:g} KB, fds back to "
-            f"baseline (+-{GOAL_FD_SLACK}) after all were killed, all {args.m} started, "
+            f"baseline (+-{GOAL_FD_SLACK}) after all ended, all {args.m} started, "
             "none left behind",
             "goal_met": met,
             "checks": checks,
             "library_rss_kb_per_unit": lib_kb,
             "raw_rss_kb_per_unit": raw_kb,
             "library_over_raw_kb_per_unit": rnd(lib_kb - raw_kb, 2) if lib_kb and raw_kb else None,
-            "library_fd_delta_after_kill": fd_delta,
+            "library_fd_delta_after_end": fd_delta,
             "library": lib,
             "raw": raw,
             "leftover_units": leftover,
@@ -334,6 +392,8 @@ def parent_main(args: argparse.Namespace) -> int:
                 "order": args.order,
                 "settle_s": args.settle,
                 "tracemalloc": args.tracemalloc,
+                "end": args.end,
+                "lib_namespace_match_simulated": args.lib_namespace_match,
                 "note": "each side in its own process; rss from psutil after gc.collect()",
             },
             "host": host_facts(),
@@ -367,6 +427,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="K",
         help="also list the K source lines holding the most memory per library unit "
         "(slows the run and inflates RSS: the goal is then not judged)",
+    )
+    p.add_argument(
+        "--end",
+        choices=("kill", "exit"),
+        default="kill",
+        help="kill: Job.kill() / KillUnit SIGKILL every unit; exit: every unit exits 0 by itself "
+        "at the same moment (sleep to a common deadline), so the launcher stops M units at once",
+    )
+    p.add_argument(
+        "--exit-rate",
+        type=float,
+        default=40.0,
+        help="with --end exit: starts per second assumed when planning the deadline (40)",
+    )
+    p.add_argument(
+        "--lib-namespace-match",
+        action="store_true",
+        help="diagnostic: make the launcher watch all units with one match rule from the start "
+        "(private members; simulates the fix for the 512 match-rule cap)",
     )
     p.add_argument("--worker", choices=("library", "raw"), help=argparse.SUPPRESS)
     p.add_argument("--prefix", help=argparse.SUPPRESS)

@@ -88,7 +88,8 @@ def select_service(cfg: ExecConfig, req: JobRequest) -> str:
     if wanted is not None:
         if not cfg.service_override:
             raise RefusedError(
-                f"--setattr {SERVICE_ATTR}={show_value(wanted)}: refused, exec.service-override is false "
+                f"--setattr {SERVICE_ATTR}={show_value(wanted)}: refused, "
+                "exec.service-override is false "
                 "(set service-override = true in [exec] to allow it)"
             )
         if wanted not in SERVICES:
@@ -98,7 +99,8 @@ def select_service(cfg: ExecConfig, req: JobRequest) -> str:
         service = wanted
     if guest and not cfg.imp:
         raise RefusedError(
-            f"job {req.jobid}: owner {show_value(req.owner)} is not the instance owner and exec.imp "
+            f"job {req.jobid}: owner {show_value(req.owner)} is not the instance owner "
+            "and exec.imp "
             "is not set: "
             "guest jobs run only through the IMP"
         )

@@ -21,20 +21,45 @@ import psutil
 from sdexec.config import ExecConfig
 from sdexec.job import BaseJob
 from sdexec.launcher import Job, JobSpec, Launcher
+from sdexec.unitname import unit_name
 
 from .conftest import sdexec_units
 
 FD_SLACK = 2
 
 
-def expected_code(i: int) -> int:
-    """Distinct per job and never 0, so a status delivered to the wrong job is caught."""
-    return 10 + i % 200
+def staggered(prefix: str, n: int, clean: int, spread: float = 2.0) -> list[JobCase]:
+    """``n`` jobs with distinct exit codes (``i % 200``) plus ``clean`` ones exiting 0.
+
+    Exits are spread over 1 to 1 + ``spread`` s, so some end before, during and after a fault;
+    each job prints its id, so a status or output routed to the wrong job is caught. Exit 0
+    leaves the unit active (RemainAfterExit) for the launcher to stop; another exit makes it
+    failed for the launcher to reset: both paths are exercised.
+    """
+    cases = []
+    for i in range(n + clean):
+        jobid = f"{prefix}-{i}"
+        code = i % 200 if i < n else 0
+        delay = 1 + spread * (i % n if i < n else (i - n) * n / clean) / n
+        cases.append(
+            JobCase(jobid, f"echo {jobid}; sleep {delay:.2f}; exit {code}", code,
+                    f"{jobid}\n".encode())
+        )
+    return cases
 
 
 def num_fds() -> int:
     gc.collect()  # transports dropped but not yet collected are not leaks
     return psutil.Process().num_fds()
+
+
+async def settle_fds(target: int, within: float = 1.0) -> int:
+    """The fd count once closes already under way are done (the bus socket closes on the next
+    loop turns after ``close()``), or as it is after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while (n := num_fds()) > target and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    return n
 
 
 def fd_table() -> dict[int, str]:
@@ -48,35 +73,51 @@ def fd_table() -> dict[int, str]:
     return out
 
 
+@dataclass(frozen=True)
+class JobCase:
+    """One job of a batch: what it runs and what must come back (status and stdout)."""
+
+    jobid: str
+    script: str
+    code: int
+    stdout: bytes = b""
+
+
 @dataclass
 class BatchResult:
     codes: dict[str, int | None]
+    outputs: dict[str, bytes]
     errors: dict[str, str]
     finished_calls: Counter[str]
     statuses_seen: dict[str, set[int]]
+    hung: list[str]
+    units_left: list[str]
     fds_before: int
     fds_after: int
     fd_diff: dict[int, str]
     elapsed: float
+    start_time: float
     reconnects: int
     start_failures: list[str] = field(default_factory=list)
 
-    def lost(self, expected: dict[str, int]) -> list[str]:
-        """Jobs whose status is missing, wrong, or was reported more or less than once."""
+    def lost(self, cases: list[JobCase]) -> list[str]:
+        """Jobs whose status or output is missing or wrong, or was reported other than once."""
         bad = []
-        for jobid, want in expected.items():
-            got = self.codes.get(jobid)
-            if (
-                got != want
-                or self.finished_calls[jobid] != 1
-                or len(self.statuses_seen.get(jobid, set())) != 1
-            ):
+        for case in cases:
+            got = self.codes.get(case.jobid)
+            out = self.outputs.get(case.jobid)
+            seen = self.statuses_seen.get(case.jobid, set())
+            calls = self.finished_calls[case.jobid]
+            if got != case.code or out != case.stdout or calls != 1 or len(seen) != 1:
                 bad.append(
-                    f"{jobid}: want {want}, got {got} (finished reported "
-                    f"{self.finished_calls[jobid]}x, statuses {self.statuses_seen.get(jobid)}, "
-                    f"error {self.errors.get(jobid)})"
+                    f"{case.jobid}: want {case.code} {case.stdout!r}, got {got} {out!r} "
+                    f"(finished reported {calls}x, statuses {seen}, "
+                    f"error {self.errors.get(case.jobid)})"
                 )
         return bad
+
+    def fds_ok(self) -> bool:
+        return abs(self.fds_after - self.fds_before) <= FD_SLACK
 
 
 @contextmanager
@@ -96,15 +137,25 @@ def count_finished() -> Iterator[Counter[str]]:
         Job.set_finished = original  # type: ignore[method-assign]
 
 
+async def _read_all(job: Job) -> bytes:
+    assert job.stdout is not None
+    return await job.stdout.read()
+
+
 async def run_batch(
     cfg: ExecConfig,
-    scripts: dict[str, str],
+    cases: list[JobCase],
     fault: Callable[[], Awaitable[None]] | None = None,
     *,
     fault_after: float = 0.0,
-    timeout: float = 60.0,
+    timeout: float = 30.0,
 ) -> BatchResult:
-    """Start every job at once on one Launcher, inject ``fault`` while they run, collect all."""
+    """Start every job at once on one Launcher, inject ``fault`` while they run, collect all.
+
+    Never raises for what the jobs or the launcher did: a job that does not end within
+    ``timeout`` is listed in ``hung`` and a unit left behind in ``units_left`` (both cleaned up
+    here, so a failing test does not spill into the next one).
+    """
     statuses: dict[str, set[int]] = {}
 
     def on_update(job: BaseJob) -> None:
@@ -114,42 +165,62 @@ async def run_batch(
     fds_before = num_fds()
     table_before = fd_table()
     t0 = time.monotonic()
+    codes: dict[str, int | None] = {}
+    outputs: dict[str, bytes] = {}
+    hung: list[str] = []
     with count_finished() as calls:
         launcher = Launcher(cfg, on_update=on_update)
         await launcher.connect()
         try:
-            specs = [
-                JobSpec(jobid=jobid, argv=["sh", "-c", script]) for jobid, script in scripts.items()
-            ]
+            specs = [JobSpec(jobid=c.jobid, argv=["sh", "-c", c.script]) for c in cases]
             started = await asyncio.gather(
                 *(launcher.start(s) for s in specs), return_exceptions=True
             )
+            start_time = time.monotonic() - t0
             jobs = [j for j in started if isinstance(j, Job)]
-            failures = [f"{s.jobid}: {r!r}" for s, r in zip(specs, started) if not isinstance(r, Job)]
+            failures = [
+                f"{s.jobid}: {r!r}" for s, r in zip(specs, started, strict=True)
+                if not isinstance(r, Job)
+            ]
+            readers = {j.jobid: asyncio.ensure_future(_read_all(j)) for j in jobs}
+            waits = {j.jobid: asyncio.ensure_future(j.wait()) for j in jobs}
             if fault is not None:
                 await asyncio.sleep(fault_after)
                 await fault()
-            done = await asyncio.wait_for(
-                asyncio.gather(*(j.wait() for j in jobs), return_exceptions=True), timeout
-            )
-            codes: dict[str, int | None] = {}
-            for j, rc in zip(jobs, done):
-                codes[j.jobid] = rc if isinstance(rc, int) or rc is None else None
+            await asyncio.wait([*waits.values(), *readers.values()], timeout=timeout)
+            for jobid, w in waits.items():
+                if w.done() and readers[jobid].done():
+                    codes[jobid] = w.result()
+                    outputs[jobid] = readers[jobid].result()
+                else:
+                    hung.append(jobid)
+                    w.cancel()
+                    readers[jobid].cancel()
             errors = {j.jobid: j.error for j in jobs if j.error}
             reconnects = launcher.manager.reconnects
         finally:
             await launcher.close()
     elapsed = time.monotonic() - t0
-    del jobs, started, launcher
+    units_left = [u for u in sdexec_units() if any(unit_name(c.jobid) == u for c in cases)]
+    for unit in units_left:
+        stop_unit_quietly(unit)
+    # A finished Job keeps its stdio sockets until it is dropped (test_finished_job_holds_no_fd);
+    # here the jobs are dropped so that the count shows what the launcher itself keeps.
+    del jobs, started, launcher, readers, waits
+    await settle_fds(fds_before)
     return BatchResult(
         codes=codes,
+        outputs=outputs,
         errors=errors,
         finished_calls=calls,
         statuses_seen=statuses,
+        hung=hung,
+        units_left=units_left,
         fds_before=fds_before,
         fds_after=num_fds(),
         fd_diff={k: v for k, v in fd_table().items() if table_before.get(k) != v},
         elapsed=elapsed,
+        start_time=start_time,
         reconnects=reconnects,
         start_failures=failures,
     )
