@@ -90,7 +90,8 @@ def combine_errors(errors: Sequence[ConfigError]) -> ConfigError:
     return combined
 
 
-def _bool(value: str) -> bool:
+def parse_bool(value: str) -> bool:
+    """systemd's spelling of booleans (also what job attributes use)."""
     v = value.strip().lower()
     if v in _TRUE:
         return True
@@ -167,7 +168,7 @@ def convert_one(name: str, value: str) -> UnitProperty:
     if name in CPUSET_PROPERTIES:
         return UnitProperty(name, "ay", cpuset_bitmap(value))
     if name == "SendSIGKILL":
-        return UnitProperty(name, "b", _bool(value))
+        return UnitProperty(name, "b", parse_bool(value))
     if name == "TimeoutStopUSec":
         return UnitProperty(name, "t", _u64_infinity(value))
     if name == "OOMScoreAdjust":

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Literal
 from .clock import Clock
 from .duration import parse_fsd
 from .errors import LaunchError, RefusedError, UsageError
+from .properties import parse_bool
 
 __all__ = ["PREFIX", "TestexecError", "TestexecSpec", "allowed", "run_testexec"]
 
@@ -28,8 +29,6 @@ PREFIX = "system.exec.test"
 KEYS = ("run_duration", "wait_status", "mock_exception", "override", "reattach_finish")
 SIGTERM = 15  # the status of a cancelled simulated job: killed by SIGTERM (raw wait status)
 
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
 MockPhase = Literal["init", "run"]
 
 
@@ -40,12 +39,10 @@ class TestexecError(LaunchError):
 
 
 def _bool(key: str, value: str) -> bool:
-    v = value.strip().lower()
-    if v in _TRUE:
-        return True
-    if v in _FALSE:
-        return False
-    raise UsageError(f"{key}: {value!r} is not a boolean (true/false, 1/0)")
+    try:
+        return parse_bool(value)
+    except ValueError as e:
+        raise UsageError(f"{key}: {e}") from None
 
 
 def _json_to_attr(value: object) -> str:
