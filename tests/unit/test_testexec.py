@@ -67,8 +67,8 @@ def test_json_table_in_the_bare_attribute() -> None:
         ("wait_status", "256", "system.exec.test.wait_status: '256' is not an exit code"),
         ("wait_status", "-1", "system.exec.test.wait_status: '-1' is not an exit code"),
         ("mock_exception", "exit", f"{P}.mock_exception: 'exit' is not a phase (init or run)"),
-        ("override", "maybe", "system.exec.test.override: "maybe" is not a boolean"),
-        ("reattach_finish", "2", "system.exec.test.reattach_finish: "2" is not a boolean"),
+        ("override", "maybe", 'system.exec.test.override: "maybe" is not a boolean'),
+        ("reattach_finish", "2", 'system.exec.test.reattach_finish: "2" is not a boolean'),
     ],
 )
 def test_bad_values_name_the_attribute(key: str, value: str, expected: str) -> None:
