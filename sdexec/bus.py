@@ -13,6 +13,7 @@ lessons (../shared/notes/peer-lessons.md) are mostly about it:
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
@@ -34,9 +35,19 @@ SERVICE_IFACE = "org.freedesktop.systemd1.Service"
 PROPS_IFACE = "org.freedesktop.DBus.Properties"
 DBUS = "org.freedesktop.DBus"
 MAX_IN_FLIGHT = 64
+MAX_PENDING_JOBS = 128
+"""systemd adds a match rule on its own bus connection for every job a client has queued; at
+dbus-daemon's 512 per connection *systemd* is dropped from the bus. Bounding our calls in
+flight does not bound queued jobs (StopUnit returns once queued), so jobs get their own bound."""
+UNIT_MATCH_MAX = 256
+"""Per-unit match rules up to here, then one rule for the unit namespace, filtered in-process:
+dbus-daemon refuses more than 512 rules per connection, and the switch must leave room."""
+UNIT_NAMESPACE = "/org/freedesktop/systemd1/unit"
 
 PropsHandler = Callable[[str, dict[str, Any]], None]
 """(object path, changed properties unwrapped) -> None"""
+PropsFilter = frozenset[str] | None
+"""The properties a watcher reads: only those are unwrapped and kept (a unit has ~400)."""
 JobRemovedHandler = Callable[[str, str, str], None]
 """(job path, unit name, result) -> None"""
 
@@ -62,6 +73,12 @@ def unwrap(value: Any) -> Any:
     return value
 
 
+def _pick(props: dict[str, Any], keys: PropsFilter) -> dict[str, Any]:
+    if keys is None:
+        return {k: unwrap(v) for k, v in props.items()}
+    return {k: unwrap(v) for k, v in props.items() if k in keys}
+
+
 def _user_bus_address() -> str:
     addr = os.environ.get("DBUS_SESSION_BUS_ADDRESS")
     if addr:
@@ -82,7 +99,11 @@ class Manager:
         self.user = user
         self._bus: MessageBus | None = None
         self._slots = asyncio.Semaphore(max_in_flight)
-        self._props_handlers: dict[str, PropsHandler] = {}
+        self._props_handlers: dict[str, tuple[PropsHandler, PropsFilter]] = {}
+        self._job_slots = asyncio.Semaphore(MAX_PENDING_JOBS)
+        self._pending_jobs: set[str] = set()
+        self._removed_jobs: collections.deque[str] = collections.deque(maxlen=4096)
+        self._match_lock = asyncio.Lock()
         self._job_handlers: list[JobRemovedHandler] = []
         self._reconnect_handlers: list[Callable[[], Awaitable[None]]] = []
         self._matched: set[str] = set()
@@ -120,7 +141,8 @@ class Manager:
             f"type='signal',sender='{DBUS}',interface='{DBUS}',member='NameOwnerChanged',"
             f"arg0='{SYSTEMD}'"
         )
-        self._matched.clear()
+        self._matched.clear()  # a new connection has none of the old rules
+        self._namespace_match = False
         for path in list(self._props_handlers):
             await self._match_unit(path)
         await self._call_on(bus, "Subscribe", "", ())
@@ -147,6 +169,7 @@ class Manager:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 2.0)
             self.reconnects += 1
+            self._forget_pending_jobs()
             await self._resync()
 
     async def _resync(self) -> None:
@@ -219,9 +242,38 @@ class Manager:
             raise BusCallError(member, reply.error_name or "", text)
         return list(reply.body)
 
-    async def get_all(self, path: str, interface: str = "") -> dict[str, Any]:
+    async def get_all(
+        self, path: str, interface: str = "", keys: PropsFilter = None
+    ) -> dict[str, Any]:
         body = await self.call("GetAll", "s", [interface], path=path, interface=PROPS_IFACE)
-        return {k: unwrap(v) for k, v in body[0].items()}
+        return _pick(body[0], keys)
+
+    async def job_call(self, member: str, signature: str, body: Sequence[Any], **kw: Any) -> str:
+        """A call that queues a systemd job (Start*/Stop*): bounded until its JobRemoved."""
+        await self._job_slots.acquire()
+        try:
+            (job,) = await self.call(member, signature, body, **kw)
+        except BaseException:
+            self._job_slots.release()
+            raise
+        if job in self._removed_jobs:  # finished before the reply reached us
+            self._job_slots.release()
+        else:
+            self._pending_jobs.add(job)
+        return str(job)
+
+    def _job_done(self, job: str) -> None:
+        if job in self._pending_jobs:
+            self._pending_jobs.discard(job)
+            self._job_slots.release()
+        else:
+            self._removed_jobs.append(job)
+
+    def _forget_pending_jobs(self) -> None:
+        """After a reconnect no JobRemoved comes for jobs queued before: free their slots."""
+        for _ in self._pending_jobs:
+            self._job_slots.release()
+        self._pending_jobs.clear()
 
     async def _add_match(self, rule: str) -> None:
         if self._bus is None:
@@ -232,50 +284,54 @@ class Manager:
 
     # --- signals ----------------------------------------------------------------------------
 
-    async def watch_unit(self, path: str, handler: PropsHandler) -> None:
+    async def watch_unit(self, path: str, handler: PropsHandler, keys: PropsFilter = None) -> None:
         """Route ``PropertiesChanged`` of one unit to ``handler``; installed before any start."""
-        self._props_handlers[path] = handler
+        self._props_handlers[path] = (handler, keys)
         await self._match_unit(path)
 
+    @staticmethod
+    def _unit_rule(path: str) -> str:
+        return (
+            f"type='signal',sender='{SYSTEMD}',path='{path}',"
+            f"interface='{PROPS_IFACE}',member='PropertiesChanged'"
+        )
+
     async def _match_unit(self, path: str) -> None:
-        if self._namespace_match or path in self._matched:
-            return
-        try:
+        async with self._match_lock:
+            if self._namespace_match or path in self._matched:
+                return
+            if len(self._matched) < UNIT_MATCH_MAX:
+                await self._add_match(self._unit_rule(path))
+                self._matched.add(path)
+                return
+            # Many units: one rule for the whole unit namespace, filtered here by path
+            # (never polling ListUnits), and the per-unit rules given back.
+            log.info("%d units watched: one match rule for all units from now on", UNIT_MATCH_MAX)
             await self._add_match(
-                f"type='signal',sender='{SYSTEMD}',path='{path}',"
-                f"interface='{PROPS_IFACE}',member='PropertiesChanged'"
-            )
-            self._matched.add(path)
-        except BusCallError as e:
-            if "LimitsExceeded" not in e.name:
-                raise
-            # dbus-daemon caps match rules per connection: fall back to one rule for all
-            # units and filter here (never polling ListUnits).
-            log.info("match rule limit reached; watching all units and filtering")
-            await self._add_match(
-                f"type='signal',sender='{SYSTEMD}',path_namespace='/org/freedesktop/systemd1/unit',"
+                f"type='signal',sender='{SYSTEMD}',path_namespace='{UNIT_NAMESPACE}',"
                 f"interface='{PROPS_IFACE}',member='PropertiesChanged'"
             )
             self._namespace_match = True
+            dropped, self._matched = self._matched, set()
+        for old in dropped:
+            await self._remove_match(self._unit_rule(old))
+
+    async def _remove_match(self, rule: str) -> None:
+        if self._bus is None or not self._bus.connected:
+            return
+        try:
+            await self.call(
+                "RemoveMatch", "s", [rule],
+                path="/org/freedesktop/DBus", interface=DBUS, destination=DBUS,
+            )  # fmt: skip
+        except LaunchError as e:
+            log.debug("RemoveMatch %s: %s", rule, e)
 
     async def unwatch_unit(self, path: str) -> None:
         self._props_handlers.pop(path, None)
-        if path in self._matched and self._bus is not None and self._bus.connected:
+        if path in self._matched:
             self._matched.discard(path)
-            try:
-                await self.call(
-                    "RemoveMatch",
-                    "s",
-                    [
-                        f"type='signal',sender='{SYSTEMD}',path='{path}',"
-                        f"interface='{PROPS_IFACE}',member='PropertiesChanged'"
-                    ],
-                    path="/org/freedesktop/DBus",
-                    interface=DBUS,
-                    destination=DBUS,
-                )
-            except LaunchError as e:
-                log.debug("RemoveMatch %s: %s", path, e)
+            await self._remove_match(self._unit_rule(path))
 
     def on_job_removed(self, handler: JobRemovedHandler) -> Callable[[], None]:
         self._job_handlers.append(handler)
@@ -288,13 +344,13 @@ class Manager:
         if msg.message_type != MessageType.SIGNAL:
             return
         if msg.member == "PropertiesChanged":
-            handler = self._props_handlers.get(msg.path or "")
-            if handler is not None and msg.body:
-                changed = {k: unwrap(v) for k, v in msg.body[1].items()}
-                if msg.body[0] in (UNIT_IFACE, SERVICE_IFACE):
-                    handler(msg.path or "", changed)
+            entry = self._props_handlers.get(msg.path or "")
+            if entry is not None and msg.body and msg.body[0] in (UNIT_IFACE, SERVICE_IFACE):
+                handler, keys = entry
+                handler(msg.path or "", _pick(msg.body[1], keys))
         elif msg.member == "JobRemoved" and msg.interface == MANAGER_IFACE:
             _id, job, unit, result = msg.body
+            self._job_done(job)
             for jh in list(self._job_handlers):
                 jh(job, unit, result)
         elif (

@@ -27,6 +27,7 @@ class Channels:
     _owned_remote: list[int] = field(default_factory=list)
     # our writers on the read-only channels: kept so their transports live as long as the job
     _keep: list[asyncio.StreamWriter] = field(default_factory=list)
+    _transports: list[asyncio.BaseTransport] = field(default_factory=list)
 
     @classmethod
     def create(cls, stdin: int, stdout: int, stderr: int) -> Channels:
@@ -68,23 +69,44 @@ class Channels:
         for w in self._keep:
             w.close()
         self._keep.clear()
+        for t in self._transports:
+            t.close()
+        self._transports.clear()
 
     async def open_streams(
         self,
-    ) -> tuple[
-        asyncio.StreamWriter | None, asyncio.StreamReader | None, asyncio.StreamReader | None
-    ]:
-        writer = reader_out = reader_err = None
+    ) -> tuple[asyncio.StreamWriter | None, EofReader | None, EofReader | None]:
+        writer = None
         if "stdin" in self.local:
             _r, writer = await asyncio.open_unix_connection(sock=self.local.pop("stdin"))
-        if "stdout" in self.local:
-            reader_out, w = await asyncio.open_unix_connection(
-                sock=self.local.pop("stdout"), limit=STREAM_LIMIT
-            )
-            self._keep.append(w)
-        if "stderr" in self.local:
-            reader_err, w = await asyncio.open_unix_connection(
-                sock=self.local.pop("stderr"), limit=STREAM_LIMIT
-            )
-            self._keep.append(w)
-        return writer, reader_out, reader_err
+            self._keep.append(writer)
+        out = await self._reader("stdout")
+        err = await self._reader("stderr")
+        return writer, out, err
+
+    async def _reader(self, name: str) -> EofReader | None:
+        sock = self.local.pop(name, None)
+        if sock is None:
+            return None
+        reader = EofReader(limit=STREAM_LIMIT)
+        protocol = asyncio.StreamReaderProtocol(reader)
+        transport, _ = await asyncio.get_running_loop().connect_accepted_socket(
+            lambda: protocol, sock
+        )
+        self._transports.append(transport)
+        return reader
+
+
+class EofReader(asyncio.StreamReader):
+    """A StreamReader that says when the far end closed, whether or not anyone reads.
+
+    The launcher waits for EOF (bounded) before calling a job done, and must not poll for it.
+    """
+
+    def __init__(self, limit: int = STREAM_LIMIT) -> None:
+        super().__init__(limit=limit)
+        self.eof = asyncio.Event()
+
+    def feed_eof(self) -> None:
+        super().feed_eof()
+        self.eof.set()

@@ -16,6 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
+from .channel import EofReader
 from .clock import Clock, drive
 from .signals import signal_name
 from .stoptimer import Abandon, KillUnit, StopTimer
@@ -251,7 +252,10 @@ class BaseJob(ABC):
         async def eof(r: asyncio.StreamReader) -> None:
             # EOF from the far end, whether or not anyone consumed the data (at_eof() would
             # wait for a reader that may never come).
-            while not getattr(r, "_eof", True):  # noqa: ASYNC110 (no EOF event to await)
+            if isinstance(r, EofReader):
+                await r.eof.wait()
+                return
+            while not getattr(r, "_eof", True):  # noqa: ASYNC110 (asyncio's pipes: no event)
                 await asyncio.sleep(0.01)
 
         try:

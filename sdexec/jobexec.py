@@ -485,13 +485,13 @@ async def sweep_abandoned(cfg: ExecConfig, db: StateDB, *, user_manager: bool = 
     drained; once systemd's own stop timeout has ended it, the next ``drain clear`` or the next
     job on the node resets it, so failed units never pile up.
     """
-    from .bus import BusCallError, Manager
-    from .unitname import object_path
-
     manager_name = "user" if user_manager else "system"
     recs = [r for r in db.list_jobs() if r.state == "abandoned" and r.manager == manager_name]
     if not recs:
         return []
+    from .bus import BusCallError, Manager
+    from .unitname import object_path
+
     cleaned = []
     manager = Manager(user=user_manager)
     await manager.connect()

@@ -155,7 +155,11 @@ class Job(BaseJob):
             # leftovers are killed (and the stop timer runs if they resist). A failed unit
             # is not stopped (that would erase its Result) but reset once gone.
             self._stop_requested = True
-            self.spawn(self.launcher.stop_unit(self.unit))
+            self.spawn(self._stop())
+
+    async def _stop(self) -> None:
+        if not await self.launcher.stop_unit(self.unit):
+            self._stop_requested = False  # the next state re-read (resync) tries again
 
     def _on_event(self, event: us.Event) -> None:
         if isinstance(event, us.Started):
@@ -321,7 +325,8 @@ class Launcher:
         self.jobs[path] = job
         started = False
         try:
-            await self.manager.watch_unit(path, job.on_props)
+            keys = us.STATE_PROPERTIES | {name for name, _sig, _v in plan.extra}
+            await self.manager.watch_unit(path, job.on_props, keys)
             await self._start_unit(plan, channels, job)
             started = True
             channels.close_remote()
@@ -332,7 +337,7 @@ class Launcher:
                 raise LaunchError(
                     f"job {spec.jobid}: systemd did not start {plan.name} within {timeout:g}s"
                 ) from None
-            props = await self.manager.get_all(path)
+            props = await self.manager.get_all(path, keys=keys)
             job.on_props(path, props)
             if result != "done":
                 # A program that exits at once can fail the start job of a Type=exec
@@ -403,8 +408,8 @@ class Launcher:
             raise RefusedError(f"job {jobid}: unit {unit} is already tracked here")
         self.jobs[job.path] = job
         try:
-            await self.manager.watch_unit(job.path, job.on_props)
-            props = await self.manager.get_all(job.path)
+            await self.manager.watch_unit(job.path, job.on_props, us.STATE_PROPERTIES)
+            props = await self.manager.get_all(job.path, keys=us.STATE_PROPERTIES)
         except BaseException:
             await self.forget(job)
             raise
@@ -423,7 +428,7 @@ class Launcher:
         for attempt in range(3):
             props = [[k, Variant(sig, v)] for k, (sig, v) in properties(plan)]
             try:
-                await self.manager.call(
+                await self.manager.job_call(
                     "StartTransientUnit",
                     "ssa(sv)a(sa(sv))",
                     [plan.name, "fail", props, []],
@@ -471,12 +476,18 @@ class Launcher:
 
     # --- teardown ---------------------------------------------------------------------------
 
-    async def stop_unit(self, unit: str) -> None:
+    async def stop_unit(self, unit: str) -> bool:
+        """StopUnit; False when it did not get through (then a later re-read retries)."""
         try:
-            await self.manager.call("StopUnit", "ss", [unit, "fail"])
+            await self.manager.job_call("StopUnit", "ss", [unit, "fail"])
         except BusCallError as e:
             if "NoSuchUnit" not in e.name:
                 log.warning("%s: StopUnit: %s", unit, e)
+                return False
+        except LaunchError as e:  # the bus went away: the resync after reconnect retries
+            log.warning("%s: StopUnit: %s", unit, e)
+            return False
+        return True
 
     async def reset_failed(self, unit: str) -> None:
         try:
@@ -496,7 +507,7 @@ class Launcher:
         """Re-read every tracked unit: signals were lost while the bus or systemd was away."""
         for path, job in list(self.jobs.items()):
             try:
-                props = await self.manager.get_all(path)
+                props = await self.manager.get_all(path, keys=us.STATE_PROPERTIES)
             except LaunchError as e:
                 log.warning("%s: cannot re-read after reconnect: %s", job.unit, e)
                 continue

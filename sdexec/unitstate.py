@@ -15,6 +15,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+STATE_PROPERTIES = frozenset(
+    {
+        "ActiveState", "SubState", "LoadState", "Result", "ExecMainPID", "ExecMainCode",
+        "ExecMainStatus", "ControlGroup",
+    }
+)  # fmt: skip
+"""What the model (and the launcher) reads of a unit: all else is never unwrapped nor kept."""
+
 # ExecMainCode values are siginfo si_code values (CLD_*)
 CLD_EXITED = 1
 CLD_KILLED = 2
