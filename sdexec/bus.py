@@ -133,19 +133,22 @@ class Manager:
         bus.add_message_handler(self._on_message)
         self._bus = bus
         # Signals before Subscribe are not sent (moonshine #124); matches before any start.
-        await self._add_match(
-            f"type='signal',sender='{SYSTEMD}',path='{MANAGER_PATH}',"
-            f"interface='{MANAGER_IFACE}',member='JobRemoved'"
-        )
-        await self._add_match(
-            f"type='signal',sender='{DBUS}',interface='{DBUS}',member='NameOwnerChanged',"
-            f"arg0='{SYSTEMD}'"
-        )
+        # The calls are independent: sent together, they cost one round trip, not three.
         self._matched.clear()  # a new connection has none of the old rules
         self._namespace_match = False
+        await asyncio.gather(
+            self._add_match(
+                f"type='signal',sender='{SYSTEMD}',path='{MANAGER_PATH}',"
+                f"interface='{MANAGER_IFACE}',member='JobRemoved'"
+            ),
+            self._add_match(
+                f"type='signal',sender='{DBUS}',interface='{DBUS}',member='NameOwnerChanged',"
+                f"arg0='{SYSTEMD}'"
+            ),
+            self._call_on(bus, "Subscribe", "", ()),
+        )
         for path in list(self._props_handlers):
             await self._match_unit(path)
-        await self._call_on(bus, "Subscribe", "", ())
         self._connected.set()
 
     async def _watch(self) -> None:

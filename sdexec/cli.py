@@ -12,6 +12,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from . import __version__
 from .errors import SdexecError
@@ -64,7 +65,12 @@ def _add_json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-def build_parser() -> argparse.ArgumentParser:
+COMMANDS = ("run", "attach", "config", "stats", "jobs", "drain")
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``only``, just that subcommand's (argparse is slow to build: a short
+    job's start pays for every parser built, so ``sdexec run`` builds one)."""
     parser = _Parser(prog="sdexec", description="Run HPC jobs as transient systemd units.")
     parser.add_argument("--version", action="version", version=f"sdexec {__version__}")
     parser.add_argument(
@@ -72,7 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
+    for name in COMMANDS:
+        if only is None or only == name:
+            _BUILDERS[name](sub)
+    return parser
 
+
+def _first_command(argv: Sequence[str]) -> str | None:
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg if arg in COMMANDS else None
+    return None
+
+
+def _build_run(sub: Any) -> None:
     run = sub.add_parser("run", help="run one job and relay its stdio and exit status")
     _add_config(run)
     run.add_argument("--job", metavar="ID", help="job id (default: a fresh one)")
@@ -110,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_json(run)
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
 
+
+def _build_attach(sub: Any) -> None:
     attach = sub.add_parser("attach", help="re-attach to a job started by another sdexec process")
     _add_config(attach)
     attach.add_argument("--job", metavar="ID", required=True)
@@ -118,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_json(attach)
 
+
+def _build_config(sub: Any) -> None:
     config = sub.add_parser("config", help="configuration tools")
     csub = config.add_subparsers(dest="config_command", metavar="ACTION", parser_class=_Parser)
     csub.required = True
@@ -125,14 +148,20 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("path", nargs="?", metavar="PATH", help="TOML file or conf.d directory")
     _add_json(check)
 
+
+def _build_stats(sub: Any) -> None:
     stats = sub.add_parser("stats", help="kill configuration and per-job termination state")
     _add_config(stats)
     _add_json(stats)
 
+
+def _build_jobs(sub: Any) -> None:
     jobs = sub.add_parser("jobs", help="jobs recorded on this node")
     _add_config(jobs)
     _add_json(jobs)
 
+
+def _build_drain(sub: Any) -> None:
     drain = sub.add_parser("drain", help="this node's drain state")
     dsub = drain.add_subparsers(dest="drain_command", metavar="ACTION", parser_class=_Parser)
     dsub.required = True
@@ -144,7 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
     ds = dsub.add_parser("set", help="drain the node by hand")
     _add_config(ds)
     ds.add_argument("reason", metavar="REASON")
-    return parser
+
+
+_BUILDERS = {
+    "run": _build_run,
+    "attach": _build_attach,
+    "config": _build_config,
+    "stats": _build_stats,
+    "jobs": _build_jobs,
+    "drain": _build_drain,
+}
 
 
 def _handler_key(args: argparse.Namespace) -> str:
@@ -156,7 +194,8 @@ def _handler_key(args: argparse.Namespace) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_first_command(argv))
     args = parser.parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="sdexec: %(levelname)s: %(message)s")
@@ -176,5 +215,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The ``sdexec`` program (not ``main``, which tests and embedders call in-process)."""
+    if "ssl" not in sys.modules:
+        # asyncio imports ssl when it can (~7 ms, a quarter of systemd-run's whole run); the
+        # program never uses TLS: a None entry makes that import fail and asyncio goes without.
+        sys.modules["ssl"] = None  # type: ignore[assignment]
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()
