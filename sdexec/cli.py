@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
-from .errors import SdexecError
+from .errors import SdexecError, UsageError
 
 # subcommand -> "module:function"; each function takes the parsed Namespace and returns an exit code
 HANDLERS = {
@@ -27,15 +27,17 @@ HANDLERS = {
     "drain-clear": "sdexec.cmd_drain:clear",
     "drain-set": "sdexec.cmd_drain:set_",
     "jobs": "sdexec.cmd_stats:jobs",
+    "serve": "sdexec.server:main",
 }
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but errors are one line naming the argument, exit code 2."""
+    """argparse, but errors are a UsageError (one line naming the argument, exit code 2), so
+    the server can answer a client's bad arguments instead of exiting."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"{self.prog}: {message} (see '{self.prog} --help')\n")
-        sys.exit(2)
+        where = self.prog.removeprefix("sdexec").strip()
+        raise UsageError(f"{where + ': ' if where else ''}{message} (see '{self.prog} --help')")
 
 
 def _natural(text: str) -> int:
@@ -65,7 +67,7 @@ def _add_json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-COMMANDS = ("run", "attach", "config", "stats", "jobs", "drain")
+COMMANDS = ("run", "attach", "config", "stats", "jobs", "drain", "serve")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -175,7 +177,18 @@ def _build_drain(sub: Any) -> None:
     ds.add_argument("reason", metavar="REASON")
 
 
+def _build_serve(sub: Any) -> None:
+    serve = sub.add_parser("serve", help="the node's resident launcher (what `sdexec run` uses)")
+    _add_config(serve)
+    serve.add_argument("--user", action="store_true", help="serve the calling user's manager")
+    serve.add_argument(
+        "--socket", metavar="PATH", help="listen here (default: /run/sdexec/sdexec.sock, or "
+        "$XDG_RUNTIME_DIR/sdexec/sdexec.sock with --user; systemd socket activation if given)",
+    )  # fmt: skip
+
+
 _BUILDERS = {
+    "serve": _build_serve,
     "run": _build_run,
     "attach": _build_attach,
     "config": _build_config,
@@ -195,12 +208,11 @@ def _handler_key(args: argparse.Namespace) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(_first_command(argv))
-    args = parser.parse_args(argv)
-    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
-    logging.basicConfig(level=level, format="sdexec: %(levelname)s: %(message)s")
-    module_name, func_name = HANDLERS[_handler_key(args)].split(":")
     try:
+        args = build_parser(_first_command(argv)).parse_args(argv)
+        level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+        logging.basicConfig(level=level, format="sdexec: %(levelname)s: %(message)s")
+        module_name, func_name = HANDLERS[_handler_key(args)].split(":")
         func = getattr(importlib.import_module(module_name), func_name)
         return int(func(args))
     except SdexecError as e:

@@ -16,14 +16,14 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING
 
 from .config import load_config
 from .errors import LaunchError, UsageError
 
 if TYPE_CHECKING:
-    from .jobexec import Handle
+    from .jobexec import Handle, JobRequest
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +59,17 @@ def _command(args: argparse.Namespace) -> list[str]:
     return cmd
 
 
-def main(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
+def build_request(
+    args: argparse.Namespace, environ: Mapping[str, str], cwd: str, owner: str | None
+) -> JobRequest:
+    """The job ``sdexec run ARGS`` asks for: from this process, or from a client of the server."""
     cmd = _command(args)
     attrs = parse_assignments(args.setattr, "--setattr")
     from .start import check_environment
 
     extra_env = parse_assignments(args.env, "--env")
     check_environment(extra_env, "--env")
-    env = dict(os.environ)
+    env = dict(environ)
     env.update(extra_env)
     jobid = args.job if args.job is not None else new_jobid()
     from .unitname import check_jobid
@@ -81,21 +83,28 @@ def main(args: argparse.Namespace) -> int:
             time_limit = parse_fsd(args.time_limit, "--time-limit")
         except ValueError as e:
             raise UsageError(f"--time-limit: {e}") from None
-    from .jobexec import JobRequest, select_service
+    from .jobexec import JobRequest
 
-    req = JobRequest(
+    return JobRequest(
         jobid=jobid,
         argv=cmd,
         env=env,
-        cwd=args.cwd or os.getcwd(),
+        cwd=args.cwd or cwd,
         attrs=attrs,
-        owner=args.owner,
+        owner=owner,
         rank=args.rank,
         user_manager=args.user,
         keep_failed_unit=args.keep_unit,
         time_limit=time_limit,
         shells=args.shells,
     )
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    req = build_request(args, os.environ, os.getcwd(), args.owner)
+    from .jobexec import select_service
+
     service = select_service(cfg, req)
 
     async def start() -> Handle:
@@ -103,7 +112,7 @@ def main(args: argparse.Namespace) -> int:
 
         return await start_job(cfg, req, service, stdin=0)
 
-    return asyncio.run(_supervise(start, jobid, time_limit, json_out=args.json))
+    return asyncio.run(_supervise(start, req.jobid, req.time_limit, json_out=args.json))
 
 
 def attach(args: argparse.Namespace) -> int:
@@ -182,15 +191,24 @@ async def _supervise(
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
+    code, lines = outcome(handle, rc, json_out=json_out)
+    for line in lines:
+        sys.stderr.write(line + "\n")
+    return code
+
+
+def outcome(handle: Handle, rc: int | None, *, json_out: bool) -> tuple[int, list[str]]:
+    """The exit code of ``sdexec run`` for a finished job, and what it says on stderr."""
     report = handle.report()
-    if json_out:
-        sys.stderr.write(json.dumps(report) + "\n")
+    jobid = handle.jobid
+    lines = [json.dumps(report)] if json_out else []
     if report.get("memory_note"):
-        sys.stderr.write(f"sdexec: job {jobid}: {report['memory_note']}\n")
+        lines.append(f"sdexec: job {jobid}: {report['memory_note']}")
     if rc is None or report.get("result") == "abandoned" or handle.error:
         # processes we could not kill: the node is drained and the job failed, whatever
         # its main process's status was
-        raise LaunchError(f"job {jobid}: {report.get('error') or 'no exit status'}")
+        error = LaunchError(f"job {jobid}: {report.get('error') or 'no exit status'}")
+        return error.exit_code, [*lines, f"sdexec: {error}"]
     if report.get("error"):
-        sys.stderr.write(f"sdexec: job {jobid}: {report['error']}\n")
-    return rc
+        lines.append(f"sdexec: job {jobid}: {report['error']}")
+    return rc, lines

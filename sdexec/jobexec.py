@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from .channel import DEVNULL
+from .channel import DEVNULL, PIPE
 from .config import ExecConfig
 from .errors import LaunchError, RefusedError, SdexecError, UsageError
 from .job import BaseJob, Who
@@ -27,6 +27,7 @@ from .show import show_value
 
 if TYPE_CHECKING:
     from .job import UpdateHook
+    from .launcher import Launcher
     from .statedb import StateDB
     from .testexec import TestexecSpec
 
@@ -168,9 +169,10 @@ class Handle:
             "shells": shells,
         }
 
-    async def close(self) -> None:
-        """Undo whatever is still there: running shells are killed (a half-started job)."""
-        running = [job for job in self.jobs if job.running]
+    async def close(self, *, kill: bool = True) -> None:
+        """Undo whatever is still there: running shells are killed (a half-started job),
+        unless ``kill`` is false (a server stopping: the jobs go on, their records stay)."""
+        running = [job for job in self.jobs if job.running] if kill else []
         for job in running:
             job.kill()
         if running:
@@ -241,7 +243,16 @@ def record_key(jobid: str, rank: int, shells: int) -> str:
     return jobid if shells == 1 else f"{jobid}.{rank}"
 
 
-async def start_job(cfg: ExecConfig, req: JobRequest, service: str, *, stdin: int) -> Handle:
+async def start_job(
+    cfg: ExecConfig,
+    req: JobRequest,
+    service: str,
+    *,
+    stdin: int,
+    stdout: int = PIPE,
+    stderr: int = PIPE,
+    launcher: Launcher | None = None,
+) -> Handle:
     """Start ``req``'s shells with ``service``; ``close()`` on the handle undoes everything.
 
     Nothing is started for a refused job; a job whose second shell fails to start has its
@@ -257,7 +268,7 @@ async def start_job(cfg: ExecConfig, req: JobRequest, service: str, *, stdin: in
         if service == "testexec":
             await _start_testexec(cfg, req, handle)
         else:
-            await _start_shells(cfg, req, handle, stdin)
+            await _start_shells(cfg, req, handle, (stdin, stdout, stderr), launcher)
     except BaseException:
         await handle.close()
         raise
@@ -283,7 +294,15 @@ def _shell_prefix(cfg: ExecConfig, req: JobRequest) -> tuple[str, ...]:
     return ()
 
 
-async def _start_shells(cfg: ExecConfig, req: JobRequest, handle: Handle, stdin: int) -> None:
+async def _start_shells(
+    cfg: ExecConfig,
+    req: JobRequest,
+    handle: Handle,
+    stdio: tuple[int, int, int],
+    launcher: Launcher | None,
+) -> None:
+    """Start each shell; ``launcher``: a connected one to share (the server's), else our own."""
+    stdin, stdout, stderr = stdio
     db = handle.db
     assert db is not None
     guest = req.guest()
@@ -291,8 +310,7 @@ async def _start_shells(cfg: ExecConfig, req: JobRequest, handle: Handle, stdin:
     barrier_path = None
     if req.shells > 1:
         barrier_path = await _start_barrier(cfg, req, handle)
-    launcher = None
-    if handle.service == "sdexec":
+    if handle.service == "sdexec" and launcher is None:
         from .launcher import Launcher
 
         launcher = Launcher(cfg, user=req.user_manager)
@@ -309,7 +327,8 @@ async def _start_shells(cfg: ExecConfig, req: JobRequest, handle: Handle, stdin:
             await _drain(cfg, db, reason, req.jobid, job.name)
 
         on_update = _publisher(db, key)
-        if launcher is not None:
+        if handle.service == "sdexec":
+            assert launcher is not None
             from .launcher import JobSpec
             from .unitname import unit_name
 
@@ -321,6 +340,8 @@ async def _start_shells(cfg: ExecConfig, req: JobRequest, handle: Handle, stdin:
                 cwd=req.cwd,
                 rank=rank,
                 stdin=stdin if rank == req.rank else DEVNULL,
+                stdout=stdout,
+                stderr=stderr,
                 guest_user=req.owner if guest else None,
                 shell=shell,
                 keep_failed_unit=req.keep_failed_unit,
@@ -343,6 +364,8 @@ async def _start_shells(cfg: ExecConfig, req: JobRequest, handle: Handle, stdin:
                     env=env,
                     cwd=req.cwd,
                     stdin=stdin if rank == req.rank else DEVNULL,
+                    stdout=stdout,
+                    stderr=stderr,
                     name=name,
                     on_drain=on_drain,
                     on_update=on_update,
@@ -415,8 +438,10 @@ def db_remove(db: StateDB, key: str) -> None:
 
 
 def _finish_record(db: StateDB, key: str) -> None:
+    """A finished shell's record goes; an abandoned one (post-mortem) or a running one (its
+    launcher is going away: re-attach needs it) stays."""
     rec = db.get_job(key)
-    if rec is not None and rec.state != "abandoned":
+    if rec is not None and rec.state == "finished":
         db.remove_job(key)
 
 

@@ -1,0 +1,293 @@
+"""``sdexec serve``: the node's resident launcher, as Flux runs sdexec inside its broker.
+
+One process keeps one bus connection and tracks every job of the node; ``sdexec run`` (see
+``client.py``) hands it the job and its own stdio, so a job's start costs a socket round trip
+instead of a Python start-up with asyncio, dbus-fast and a bus connection. Everything else is
+the in-process path's: the same argument parsing, policy (``select_service``), records,
+termination, stop timer and drain; and the server re-attaches, when it starts, to jobs whose
+launcher died (a crashed ``sdexec run``, or the previous server).
+
+Who the job belongs to comes from the socket (SO_PEERCRED), never from the request: a caller
+other than the server's own user is a guest (run only through ``exec.imp``), and only root
+may name another owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import pwd
+import signal
+import socket
+import stat
+import struct
+from typing import Any
+
+from .client import socket_path
+from .cmd_run import build_request, outcome
+from .config import ExecConfig
+from .errors import RefusedError, SdexecError, UsageError
+from .jobexec import Handle, attach_job, select_service, start_job
+from .launcher import Launcher
+from .show import show_value
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST = 4 << 20
+SD_LISTEN_FDS_START = 3
+
+
+def _listen_socket(path: str) -> socket.socket:
+    """The socket systemd passed us (socket activation), else our own at ``path``."""
+    if os.environ.get("LISTEN_PID") == str(os.getpid()) and os.environ.get("LISTEN_FDS") == "1":
+        for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            os.environ.pop(var, None)
+        return socket.socket(fileno=SD_LISTEN_FDS_START)
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)  # a stale socket of an earlier server
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.bind(path)
+    os.chmod(path, 0o666)  # anyone may ask; who they are decides what they get
+    sock.listen(128)
+    return sock
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+def _owner(peer_uid: int, asked: str | None) -> str | None:
+    """The job's owner: the caller, or whom root names."""
+    me = os.getuid()
+    if peer_uid == me:
+        return asked
+    if asked is not None and peer_uid != 0:
+        try:
+            asked_uid = int(asked) if asked.isascii() and asked.isdigit() else None
+            if asked_uid is None:
+                asked_uid = pwd.getpwnam(asked).pw_uid
+        except (KeyError, ValueError):
+            raise UsageError(f"--owner: no such user {show_value(asked)}") from None
+        if asked_uid != peer_uid:
+            raise RefusedError(
+                "--owner: only the instance owner (root) may run jobs for other users"
+            )
+    return asked if peer_uid == 0 else str(peer_uid)
+
+
+class Server:
+    def __init__(self, cfg: ExecConfig, *, user: bool = False) -> None:
+        self.cfg = cfg
+        self.user = user
+        self.launcher = Launcher(cfg, user=user)
+        self.handles: set[Handle] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def serve(self, path: str | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        await self.launcher.connect()
+        listener = _listen_socket(path or socket_path(self.user))
+        listener.setblocking(False)
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        self._spawn(self.readopt())
+        log.info("serving on %s", listener.getsockname())
+        accept: asyncio.Task[Any] | None = None
+        try:
+            while not stop.is_set():
+                accept = asyncio.ensure_future(loop.sock_accept(listener))
+                waiter = asyncio.ensure_future(stop.wait())
+                done, _ = await asyncio.wait({accept, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                if accept in done:
+                    conn, _addr = accept.result()
+                    self._spawn(self.handle(conn))
+                    accept = None
+        finally:
+            if accept is not None:
+                accept.cancel()
+            listener.close()
+            # Jobs go on in their units; their records let the next server (or `sdexec
+            # attach`) take them over.
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self.launcher.close()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def readopt(self) -> None:
+        """Take over jobs whose launcher died, so none is left unwatched."""
+        from .jobexec import _open_db
+
+        db = _open_db(self.cfg)
+        try:
+            manager = "user" if self.user else "system"
+            orphans = {
+                _job_of(r.jobid)
+                for r in db.list_jobs(live_only=True)
+                if r.service == "sdexec" and r.manager == manager and not r.launcher_alive()
+            }
+        finally:
+            db.close()
+        for jobid in sorted(orphans):
+            try:
+                handle = await attach_job(self.cfg, jobid, user_manager=self.user)
+            except SdexecError as e:
+                log.warning("could not re-attach to job %s: %s", jobid, e)
+                continue
+            log.info("re-attached to job %s", jobid)
+            self._spawn(self._finish_adopted(handle))
+
+    async def _finish_adopted(self, handle: Handle) -> None:
+        kill = True
+        try:
+            await handle.wait()
+        except asyncio.CancelledError:
+            kill = False
+            raise
+        finally:
+            await handle.close(kill=kill)
+
+    async def handle(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        fds: list[int] = []
+        handle: Handle | None = None
+        kill = True
+        try:
+            conn.setblocking(False)
+            request, fds, rest = await self._receive(conn)
+            code, lines, handle = await self._run(conn, request, fds, rest)
+            await loop.sock_sendall(conn, _line({"exit": code, "stderr": lines}))
+        except SdexecError as e:
+            await _send_quietly(conn, {"exit": e.exit_code, "stderr": [f"sdexec: {e}"]})
+        except (ValueError, KeyError, TypeError) as e:
+            await _send_quietly(conn, {"exit": 2, "stderr": [f"sdexec: bad request: {e}"]})
+        except OSError as e:
+            log.info("client went away: %s", e)
+        except asyncio.CancelledError:
+            kill = False  # the server stops: the job goes on, the next server takes it over
+            raise
+        finally:
+            for fd in fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            if handle is not None:
+                await handle.close(kill=kill)
+            conn.close()
+
+    async def _receive(self, conn: socket.socket) -> tuple[dict[str, Any], list[int], bytes]:
+        """The request line and the client's three stdio fds (sent with its first bytes)."""
+        loop = asyncio.get_running_loop()
+        readable = loop.create_future()
+        loop.add_reader(conn.fileno(), readable.set_result, None)
+        try:
+            await readable
+        finally:
+            loop.remove_reader(conn.fileno())
+        data, fds, _flags, _addr = socket.recv_fds(conn, 65536, 3)
+        while b"\n" not in data:
+            if len(data) > MAX_REQUEST:
+                raise UsageError("the request is too large")
+            more = await loop.sock_recv(conn, 65536)
+            if not more:
+                raise UsageError("the request ended early")
+            data += more
+        line, _, rest = data.partition(b"\n")
+        if len(fds) != 3:
+            raise UsageError(f"expected the client's stdin, stdout and stderr, got {len(fds)} fds")
+        request = json.loads(line)
+        if request.get("op") != "run":
+            raise UsageError(f"unknown request {request.get('op')!r}")
+        return request, list(fds), rest
+
+    async def _run(
+        self, conn: socket.socket, request: dict[str, Any], fds: list[int], rest: bytes
+    ) -> tuple[int, list[str], Handle]:
+        from .cli import build_parser
+
+        loop = asyncio.get_running_loop()
+        args = build_parser("run").parse_args(["run", *request["argv"]])
+        if args.user != self.user:
+            which = "user" if self.user else "system"
+            raise UsageError(f"--user: this sdexec server runs jobs of the {which} manager")
+        owner = _owner(_peer_uid(conn), args.owner)
+        req = build_request(args, request["env"], request["cwd"], owner)
+        service = select_service(self.cfg, req)
+        handle = await start_job(
+            self.cfg, req, service, stdin=fds[0], stdout=fds[1], stderr=fds[2],
+            launcher=self.launcher if service == "sdexec" else None,
+        )  # fmt: skip
+        for fd in fds:  # the unit (or the process) holds its own copies now
+            os.close(fd)
+        fds.clear()
+        await loop.sock_sendall(conn, _line({"started": req.jobid}))
+        timer = None
+        if req.time_limit:
+            timer = loop.call_later(req.time_limit, handle.cancel, "timeout")
+        listener = asyncio.ensure_future(self._listen(conn, handle, rest))
+        try:
+            rc = await handle.wait()
+        except asyncio.CancelledError:
+            await handle.close(kill=False)
+            raise
+        finally:
+            listener.cancel()
+            if timer is not None:
+                timer.cancel()
+        code, lines = outcome(handle, rc, json_out=args.json)
+        return code, lines, handle
+
+    async def _listen(self, conn: socket.socket, handle: Handle, pending: bytes) -> None:
+        """Cancels from the client (its Ctrl-C); its going away does not end the job."""
+        loop = asyncio.get_running_loop()
+        buf = pending
+        while True:
+            while b"\n" in buf:
+                line, _, buf = buf.partition(b"\n")
+                if json.loads(line).get("op") == "cancel":
+                    log.info("job %s: cancelled by the client", handle.jobid)
+                    handle.cancel("cancel")
+            more = await loop.sock_recv(conn, 4096)
+            if not more:
+                return
+            buf += more
+
+
+def _job_of(key: str) -> str:
+    """The job id of a record key (``JOBID`` or, for a job of several shells, ``JOBID.RANK``)."""
+    job, dot, rank = key.rpartition(".")
+    return job if dot and rank.isdigit() else key
+
+
+def _line(msg: dict[str, Any]) -> bytes:
+    return json.dumps(msg).encode() + b"\n"
+
+
+async def _send_quietly(conn: socket.socket, msg: dict[str, Any]) -> None:
+    try:
+        await asyncio.get_running_loop().sock_sendall(conn, _line(msg))
+    except OSError:
+        pass
+
+
+def main(args: Any) -> int:
+    from .config import load_config
+
+    cfg = load_config(args.config)
+    asyncio.run(Server(cfg, user=args.user).serve(args.socket))
+    return 0
