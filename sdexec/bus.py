@@ -35,6 +35,17 @@ SERVICE_IFACE = "org.freedesktop.systemd1.Service"
 PROPS_IFACE = "org.freedesktop.DBus.Properties"
 DBUS = "org.freedesktop.DBus"
 MAX_IN_FLIGHT = 64
+RETRY_FOR = 60.0
+TRANSIENT_ERRORS = frozenset(
+    {
+        "org.freedesktop.DBus.Error.NoReply",
+        "org.freedesktop.DBus.Error.ServiceUnknown",
+        "org.freedesktop.DBus.Error.NameHasNoOwner",
+        "org.freedesktop.DBus.Error.Disconnected",
+        "org.freedesktop.DBus.Error.Timeout",
+    }
+)
+"""What a call gets while systemd re-executes or the bus restarts: worth sending again."""
 MAX_PENDING_JOBS = 128
 """systemd adds a match rule on its own bus connection for every job a client has queued; at
 dbus-daemon's 512 per connection *systemd* is dropped from the bus. Bounding our calls in
@@ -157,7 +168,10 @@ class Manager:
             bus = self._bus
             if bus is None:
                 return
-            await bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
+            try:
+                await bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
+            except Exception as e:  # dbus-fast raises the cause (EOFError...): still a drop
+                log.debug("bus disconnected: %r", e)
             if self._closing:
                 return
             self._connected.clear()
@@ -202,16 +216,33 @@ class Manager:
         path: str = MANAGER_PATH,
         interface: str = MANAGER_IFACE,
         destination: str = SYSTEMD,
+        retry: bool = False,
     ) -> list[Any]:
-        """One method call, bounded in flight; waits out a reconnection first."""
-        if not self._connected.is_set():
-            await self._connected.wait()
-        bus = self._bus
-        if bus is None:
-            raise LaunchError("not connected to systemd")
-        return await self._call_on(
-            bus, member, signature, body, unix_fds, path, interface, destination
-        )
+        """One method call, bounded in flight; waits out a reconnection first.
+
+        ``retry``: the call is idempotent (StopUnit, KillUnit, GetAll...), so when systemd or
+        the bus goes away under it (daemon-reexec answers NoReply; a bus restart drops the
+        connection) it is sent again once they are back, for up to RETRY_FOR seconds.
+        """
+        deadline = asyncio.get_running_loop().time() + RETRY_FOR
+        delay = 0.05
+        while True:
+            if not self._connected.is_set():
+                await self._connected.wait()
+            bus = self._bus
+            if bus is None:
+                raise LaunchError("not connected to systemd")
+            try:
+                return await self._call_on(
+                    bus, member, signature, body, unix_fds, path, interface, destination
+                )
+            except LaunchError as e:
+                transient = not isinstance(e, BusCallError) or e.name in TRANSIENT_ERRORS
+                if not (retry and transient) or asyncio.get_running_loop().time() > deadline:
+                    raise
+                log.info("%s: %s; retrying", member, e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
 
     async def _call_on(
         self,
@@ -248,7 +279,9 @@ class Manager:
     async def get_all(
         self, path: str, interface: str = "", keys: PropsFilter = None
     ) -> dict[str, Any]:
-        body = await self.call("GetAll", "s", [interface], path=path, interface=PROPS_IFACE)
+        body = await self.call(
+            "GetAll", "s", [interface], path=path, interface=PROPS_IFACE, retry=True
+        )
         return _pick(body[0], keys)
 
     async def job_call(self, member: str, signature: str, body: Sequence[Any], **kw: Any) -> str:
@@ -368,7 +401,7 @@ class Manager:
 
     async def _after_reexec(self) -> None:
         try:
-            await self.call("Subscribe")
+            await self.call("Subscribe", retry=True)
         except BusCallError as e:
             if "AlreadySubscribed" not in e.name:  # the same manager: nothing was lost
                 log.warning("re-subscribe after re-exec failed: %s", e)

@@ -26,9 +26,19 @@ def unit_cgroup_dir(control_group: str, root: str = CGROUP_ROOT) -> str | None:
     """
     if not control_group or not control_group.startswith("/"):
         return None
-    base = root if is_unified(root) else os.path.join(root, "systemd")
-    path = os.path.join(base, control_group.lstrip("/"))
-    return path if os.path.isdir(path) else None
+    rel = control_group.lstrip("/")
+    # cgroup v2; else the hybrid hosts' unified tree (the one systemd tracks processes with,
+    # private to a container's cgroup namespace), else v1's name=systemd hierarchy.
+    bases = (
+        [root]
+        if is_unified(root)
+        else [os.path.join(root, "unified"), os.path.join(root, "systemd")]
+    )
+    for base in bases:
+        path = os.path.join(base, rel)
+        if os.path.isdir(path):
+            return path
+    return None
 
 
 def cgroup_pids(directory: str) -> set[int]:

@@ -266,7 +266,9 @@ class BaseJob(ABC):
                 self.name,
                 self.eof_timeout,
             )
-            self.close_stdio()
+        # Our ends are closed either way (a finished job holds no fd); what was received
+        # stays readable.
+        self.close_stdio()
 
     def close_stdio(self) -> None:
         """Close our ends: readers then see EOF after what was already received."""

@@ -252,15 +252,17 @@ async def start_job(
     stdout: int = PIPE,
     stderr: int = PIPE,
     launcher: Launcher | None = None,
+    db: StateDB | None = None,
 ) -> Handle:
     """Start ``req``'s shells with ``service``; ``close()`` on the handle undoes everything.
 
     Nothing is started for a refused job; a job whose second shell fails to start has its
     first one killed; a record stays only for an abandoned shell (for post-mortem).
     """
-    db = _open_db(cfg)
     handle = Handle(jobid=req.jobid, service=service, db=db)
-    handle.cleanup.append(db.close)
+    if db is None:  # a resident server passes its own, open for all jobs
+        db = handle.db = _open_db(cfg)
+        handle.cleanup.append(db.close)
     try:
         db.check_not_drained()
         if service == "sdexec":

@@ -118,7 +118,9 @@ class Job(BaseJob):
                 log.info("%s: SIGKILL goes to the IMP as SIGUSR1", self.unit)
                 signum = _signal.SIGUSR1
         try:
-            await self.launcher.manager.call("KillUnit", "ssi", [self.unit, who, int(signum)])
+            await self.launcher.manager.call(
+                "KillUnit", "ssi", [self.unit, who, int(signum)], retry=True
+            )
         except BusCallError as e:
             if "NoSuchUnit" in e.name or "no main process" in e.text.lower() or not self.running:
                 log.debug("%s: KillUnit(%s, %d): %s", self.unit, who, signum, e)
@@ -132,6 +134,11 @@ class Job(BaseJob):
 
     async def forget(self) -> None:
         await self.launcher.forget(self)
+
+    def close_stdio(self) -> None:
+        super().close_stdio()
+        if self._channels is not None:  # stdin's socket too
+            self._channels.close()
 
     def stats(self) -> dict[str, Any]:
         out = super().stats()
@@ -325,6 +332,9 @@ class Launcher:
         self.jobs[path] = job
         started = False
         try:
+            # Our stdio ends exist before the unit does: a job may be over (and its cleanup
+            # waiting for EOF on them) before StartTransientUnit even returns.
+            job.stdin, job.stdout, job.stderr = await channels.open_streams()
             keys = us.STATE_PROPERTIES | {name for name, _sig, _v in plan.extra}
             await self.manager.watch_unit(path, job.on_props, keys)
             await self._start_unit(plan, channels, job)
@@ -343,7 +353,6 @@ class Launcher:
                 # A program that exits at once can fail the start job of a Type=exec
                 # unit: that is a run, not a failure to start, unless systemd says exec failed.
                 self._check_start_failure(job, result, job.state.props)
-            job.stdin, job.stdout, job.stderr = await channels.open_streams()
             problems = verify_applied(plan.extra, props)
             if problems:
                 raise LaunchError(f"job {spec.jobid}: {'; '.join(problems)}")
@@ -479,7 +488,7 @@ class Launcher:
     async def stop_unit(self, unit: str) -> bool:
         """StopUnit; False when it did not get through (then a later re-read retries)."""
         try:
-            await self.manager.job_call("StopUnit", "ss", [unit, "fail"])
+            await self.manager.job_call("StopUnit", "ss", [unit, "fail"], retry=True)
         except BusCallError as e:
             if "NoSuchUnit" not in e.name:
                 log.warning("%s: StopUnit: %s", unit, e)
@@ -491,10 +500,12 @@ class Launcher:
 
     async def reset_failed(self, unit: str) -> None:
         try:
-            await self.manager.call("ResetFailedUnit", "s", [unit])
+            await self.manager.call("ResetFailedUnit", "s", [unit], retry=True)
         except BusCallError as e:
             if "NoSuchUnit" not in e.name:
                 log.warning("%s: ResetFailedUnit: %s", unit, e)
+        except LaunchError as e:
+            log.warning("%s: ResetFailedUnit: %s", unit, e)
 
     async def forget(self, job: Job) -> None:
         if self.jobs.get(job.path) is job:

@@ -37,7 +37,7 @@ CPUSET_PROPERTIES = frozenset({"AllowedCPUs", "AllowedMemoryNodes"})
 SUPPORTED_PROPERTIES = frozenset(
     MEMORY_PROPERTIES
     | CPUSET_PROPERTIES
-    | {"SendSIGKILL", "TimeoutStopUSec", "OOMScoreAdjust", "DeviceAllow"}
+    | {"SendSIGKILL", "TimeoutStopUSec", "OOMScoreAdjust", "DeviceAllow", "TasksMax"}
 )
 # Set by sdexec for every unit: letting the config replace them would break supervision or
 # change the job's identity, so they are refused even when a site allows raw properties.
@@ -112,6 +112,17 @@ def _u64_infinity(value: str) -> int:
     )
 
 
+def _tasks_max(value: str) -> int:
+    v = value.strip()
+    if v == "infinity":
+        return UINT64_MAX
+    if re.fullmatch(r"[0-9]{1,19}", v) and int(v) > 0:
+        return int(v)
+    raise ValueError(
+        f'{show_value(value)} is not a task count (a positive integer, e.g. "4096", or "infinity")'
+    )
+
+
 def _oom_score(value: str) -> int:
     v = value.strip()
     if re.fullmatch(r"[+-]?[0-9]{1,5}", v) and -1000 <= int(v) <= 1000:
@@ -173,6 +184,8 @@ def convert_one(name: str, value: str) -> UnitProperty:
         return UnitProperty(name, "t", _u64_infinity(value))
     if name == "OOMScoreAdjust":
         return UnitProperty(name, "i", _oom_score(value))
+    if name == "TasksMax":
+        return UnitProperty(name, "t", _tasks_max(value))
     if name == "DeviceAllow":
         return UnitProperty(name, "a(ss)", _device_allow(value))
     raise ValueError(f"{name} is not a supported property")

@@ -88,8 +88,12 @@ class Server:
         self.cfg = cfg
         self.user = user
         self.launcher = Launcher(cfg, user=user)
-        self.handles: set[Handle] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        from .cli import build_parser
+        from .jobexec import _open_db
+
+        self.parser = build_parser("run")  # argparse is slow to build: once, not per job
+        self.db = _open_db(cfg)
 
     async def serve(self, path: str | None = None) -> None:
         loop = asyncio.get_running_loop()
@@ -122,6 +126,7 @@ class Server:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             await self.launcher.close()
+            self.db.close()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -130,18 +135,12 @@ class Server:
 
     async def readopt(self) -> None:
         """Take over jobs whose launcher died, so none is left unwatched."""
-        from .jobexec import _open_db
-
-        db = _open_db(self.cfg)
-        try:
-            manager = "user" if self.user else "system"
-            orphans = {
-                _job_of(r.jobid)
-                for r in db.list_jobs(live_only=True)
-                if r.service == "sdexec" and r.manager == manager and not r.launcher_alive()
-            }
-        finally:
-            db.close()
+        manager = "user" if self.user else "system"
+        orphans = {
+            _job_of(r.jobid)
+            for r in self.db.list_jobs(live_only=True)
+            if r.service == "sdexec" and r.manager == manager and not r.launcher_alive()
+        }
         for jobid in sorted(orphans):
             try:
                 handle = await attach_job(self.cfg, jobid, user_manager=self.user)
@@ -218,10 +217,8 @@ class Server:
     async def _run(
         self, conn: socket.socket, request: dict[str, Any], fds: list[int], rest: bytes
     ) -> tuple[int, list[str], Handle]:
-        from .cli import build_parser
-
         loop = asyncio.get_running_loop()
-        args = build_parser("run").parse_args(["run", *request["argv"]])
+        args = self.parser.parse_args(["run", *request["argv"]])
         if args.user != self.user:
             which = "user" if self.user else "system"
             raise UsageError(f"--user: this sdexec server runs jobs of the {which} manager")
@@ -230,7 +227,7 @@ class Server:
         service = select_service(self.cfg, req)
         handle = await start_job(
             self.cfg, req, service, stdin=fds[0], stdout=fds[1], stderr=fds[2],
-            launcher=self.launcher if service == "sdexec" else None,
+            launcher=self.launcher if service == "sdexec" else None, db=self.db,
         )  # fmt: skip
         for fd in fds:  # the unit (or the process) holds its own copies now
             os.close(fd)

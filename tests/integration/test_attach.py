@@ -18,7 +18,9 @@ Config = Callable[..., str]
 def _start_and_kill(cfg: str, jobid: str, script: str, kill_after: float) -> None:
     proc = subprocess.Popen(
         [*SDEXEC, "run", "--config", cfg, "--job", jobid, "--", "sh", "-c", script],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     time.sleep(kill_after)
     proc.send_signal(signal.SIGKILL)
@@ -56,7 +58,8 @@ def test_attach_refuses_unknown_and_live_jobs(config: Config) -> None:
     assert p.returncode == 125 and "no record" in p.stderr
     proc = subprocess.Popen(
         [*SDEXEC, "run", "--config", cfg, "--job", "att-live", "--", "sleep", "30"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         time.sleep(1.0)

@@ -58,21 +58,11 @@ def _report(name: str, res: BatchResult, lost: list[str], faults: int) -> None:
 # --- 1. systemd re-executes or reloads while 50 jobs run -----------------------------------------
 
 
-CALLS_LOST_IN_REEXEC = (
-    "a call in flight while systemd re-executes fails with org.freedesktop.DBus.Error.NoReply "
-    "and is never retried: a lost StopUnit leaves its job hanging (wait() never returns, the "
-    "unit stays active/exited), a lost ResetFailedUnit leaves a failed unit loaded "
-    "(launcher.py stop_unit/reset_failed, bus.py Manager.call)"
-)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "action",
     [
-        pytest.param(
-            "daemon-reexec", marks=pytest.mark.xfail(reason=CALLS_LOST_IN_REEXEC, strict=True)
-        ),
+        "daemon-reexec",
         "daemon-reload",
     ],
 )
@@ -103,16 +93,7 @@ async def test_50_jobs_survive_systemd(config: Config, action: str) -> None:
 # --- 2. the bus daemon restarts while jobs run -----------------------------------------------
 
 
-BUS_WATCH_DIES = (
-    "bus.py Manager._watch: dbus-fast's wait_for_disconnect() raises (EOFError) when the "
-    "bus goes away, so the watch task dies and never reconnects; and a call in flight when "
-    "the bus goes away (StopUnit, ResetFailedUnit) raises LaunchError and is not retried, so "
-    "its job hangs or its unit is left"
-)
-
-
 @pytest.mark.slow
-@pytest.mark.xfail(reason=BUS_WATCH_DIES, strict=True)
 async def test_jobs_survive_dbus_restart(config: Config) -> None:
     """``systemctl restart dbus``, three times while the jobs exit: the launcher must reconnect.
 
@@ -418,15 +399,7 @@ async def test_library_stdio_eof_wait_is_bounded(config: Config) -> None:
 
 # --- the launcher's own descriptors --------------------------------------------------------------
 
-FINISHED_JOB_FDS = (
-    "a finished Job keeps its stdout/stderr sockets open until the Job object is dropped: "
-    "Launcher.forget() only calls Channels.close_remote() and Job._cleanup() closes the "
-    "transports only when the EOF wait times out (job.py drain_stdio); asyncio's Process "
-    "releases its pipes at EOF, so a service keeping finished jobs leaks 2 fds per job"
-)
 
-
-@pytest.mark.xfail(reason=FINISHED_JOB_FDS, strict=True)
 async def test_finished_job_holds_no_fd(config: Config) -> None:
     """As a job-exec service does, the finished jobs are kept (for their status) and counted."""
     fds_before = num_fds()

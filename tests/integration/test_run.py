@@ -74,8 +74,18 @@ def test_no_unit_left_after_failure(config: Config) -> None:
 def test_user_manager(config: Config) -> None:
     """--user: the job is a unit of the calling user's own manager (root's user@0 here)."""
     subprocess.run(["systemctl", "start", "user@0.service"], check=True)
-    p = run_sdexec("run", "--user", "--config", config(), "--job", "user1", "--",
-                   "sh", "-c", "cat /proc/self/cgroup; exit 5")
+    p = run_sdexec(
+        "run",
+        "--user",
+        "--config",
+        config(),
+        "--job",
+        "user1",
+        "--",
+        "sh",
+        "-c",
+        "cat /proc/self/cgroup; exit 5",
+    )
     assert p.returncode == 5, p.stderr
     assert "user@0.service" in p.stdout and "shell-0-user1.service" in p.stdout, p.stdout
     assert "WARNING" not in p.stderr, p.stderr

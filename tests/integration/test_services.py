@@ -261,15 +261,34 @@ def test_leftovers_of_an_inactive_unit_are_killed(config: Config) -> None:
     processes remain in its cgroup (Flux #6501); sdexec must see and kill them."""
     cfg = config(f'imp = "{IMP}"\nsdexec-stop-timer-sec = 2\n')
     proc = subprocess.Popen(
-        [*SDEXEC, "-v", "run", "--config", cfg, "--job", "guest3", "--owner", "guest",
-         "--cwd", "/tmp", "--", "sh", "-c", "echo ready; exec sleep 61"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            *SDEXEC,
+            "-v",
+            "run",
+            "--config",
+            cfg,
+            "--job",
+            "guest3",
+            "--owner",
+            "guest",
+            "--cwd",
+            "/tmp",
+            "--",
+            "sh",
+            "-c",
+            "echo ready; exec sleep 61",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     assert proc.stdout is not None
     assert proc.stdout.readline() == "ready\n"
     imp_pid = subprocess.run(
         ["systemctl", "show", "-P", "ExecMainPID", "imp-shell-0-guest3.service"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     os.kill(int(imp_pid), signal.SIGKILL)
     _out, err = proc.communicate(timeout=30)

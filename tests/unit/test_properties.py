@@ -154,3 +154,13 @@ def test_all_errors_collected() -> None:
 def test_order_preserved() -> None:
     props = convert_properties({"MemoryMax": "1G", "SendSIGKILL": "no", "MemoryHigh": "50%"})
     assert [p.name for p in props] == ["MemoryMax", "SendSIGKILL", "MemoryHighScale"]
+
+
+def test_tasks_max() -> None:
+    from sdexec.properties import convert_one
+
+    assert convert_one("TasksMax", "4096").value == 4096
+    assert convert_one("TasksMax", "infinity").value == 2**64 - 1
+    for bad in ("0", "-1", "lots", "50%"):
+        with pytest.raises(ValueError, match="task count"):
+            convert_one("TasksMax", bad)
