@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Sequence
 from types import FrameType
 
@@ -88,11 +89,31 @@ def run_via_server(argv: Sequence[str]) -> int | None:
     if started is None:
         sys.stderr.write("sdexec: the sdexec server closed the connection before the job started\n")
         return 125
-    # The server went away (restarted?) while the job runs: follow it from here.
-    sys.stderr.write(f"sdexec: lost the sdexec server; re-attaching to job {started}\n")
-    from .cli import main as cli_main
+    # The server went away (restarted?) while the job runs: the next one (socket activation
+    # starts it) takes the job over; ask it for the end.
+    sys.stderr.write(f"sdexec: lost the sdexec server; following job {started} again\n")
+    return _reattach(argv, started)
 
-    return cli_main(["attach", "--job", started])
+
+def _reattach(argv: Sequence[str], jobid: str) -> int:
+    options = argv[1 : list(argv).index("--")] if "--" in argv else argv[1:]
+    path = socket_path("--user" in options)
+    for delay in (0.1, 0.2, 0.5, 1, 2, 5, 10):
+        sock = _connect(path)
+        if sock is None:
+            time.sleep(delay)
+            continue
+        with sock:
+            request = {"op": "attach", "jobid": jobid, "json": "--json" in options}
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            for line in sock.makefile("rb"):
+                msg = json.loads(line)
+                for text in msg.get("stderr", ()):
+                    sys.stderr.write(text + "\n")
+                if "exit" in msg:
+                    return int(msg["exit"])
+    sys.stderr.write(f"sdexec: no sdexec server to follow job {jobid}; see 'sdexec attach'\n")
+    return 125
 
 
 def entry() -> None:

@@ -120,6 +120,7 @@ class Handle:
     db: StateDB | None = None
     error: str | None = None  # a job-level failure (barrier), beyond the shells' own
     cleanup: list[Any] = field(default_factory=list)
+    owner_uids: set[int] = field(default_factory=set)
 
     @property
     def name(self) -> str:
@@ -259,7 +260,7 @@ async def start_job(
     Nothing is started for a refused job; a job whose second shell fails to start has its
     first one killed; a record stays only for an abandoned shell (for post-mortem).
     """
-    handle = Handle(jobid=req.jobid, service=service, db=db)
+    handle = Handle(jobid=req.jobid, service=service, db=db, owner_uids={req.owner_uid()})
     if db is None:  # a resident server passes its own, open for all jobs
         db = handle.db = _open_db(cfg)
         handle.cleanup.append(db.close)
@@ -588,6 +589,7 @@ async def attach_job(cfg: ExecConfig, jobid: str, *, user_manager: bool) -> Hand
                 await _drain(cfg, db, reason, jobid, job.name)
 
             db.update_job(rec.jobid, launcher_pid=os.getpid())
+            handle.owner_uids.add(rec.owner_uid)
             job = await launcher.adopt(
                 jobid, rec.unit, on_drain=on_drain, on_update=_publisher(db, rec.jobid)
             )

@@ -89,6 +89,7 @@ class Server:
         self.user = user
         self.launcher = Launcher(cfg, user=user)
         self._tasks: set[asyncio.Task[None]] = set()
+        self.adopted: dict[str, tuple[Handle, asyncio.Task[int | None]]] = {}
         from .cli import build_parser
         from .jobexec import _open_db
 
@@ -119,6 +120,8 @@ class Server:
         finally:
             if accept is not None:
                 accept.cancel()
+            for _handle, task in self.adopted.values():
+                task.cancel()
             listener.close()
             # Jobs go on in their units; their records let the next server (or `sdexec
             # attach`) take them over.
@@ -143,17 +146,24 @@ class Server:
         }
         for jobid in sorted(orphans):
             try:
-                handle = await attach_job(self.cfg, jobid, user_manager=self.user)
+                await self.adopt(jobid)
             except SdexecError as e:
                 log.warning("could not re-attach to job %s: %s", jobid, e)
-                continue
-            log.info("re-attached to job %s", jobid)
-            self._spawn(self._finish_adopted(handle))
 
-    async def _finish_adopted(self, handle: Handle) -> None:
+    async def adopt(self, jobid: str) -> tuple[Handle, asyncio.Task[int | None]]:
+        """Track a job whose launcher died, once, however many clients ask for it."""
+        entry = self.adopted.get(jobid)
+        if entry is None:
+            handle = await attach_job(self.cfg, jobid, user_manager=self.user)
+            log.info("re-attached to job %s", jobid)
+            task = asyncio.ensure_future(self._finish_adopted(handle))
+            entry = self.adopted[jobid] = (handle, task)
+        return entry
+
+    async def _finish_adopted(self, handle: Handle) -> int | None:
         kill = True
         try:
-            await handle.wait()
+            return await handle.wait()
         except asyncio.CancelledError:
             kill = False
             raise
@@ -168,7 +178,10 @@ class Server:
         try:
             conn.setblocking(False)
             request, fds, rest = await self._receive(conn)
-            code, lines, handle = await self._run(conn, request, fds, rest)
+            if request["op"] == "attach":
+                code, lines = await self._attach(conn, request)
+            else:
+                code, lines, handle = await self._run(conn, request, fds, rest)
             await loop.sock_sendall(conn, _line({"exit": code, "stderr": lines}))
         except SdexecError as e:
             await _send_quietly(conn, {"exit": e.exit_code, "stderr": [f"sdexec: {e}"]})
@@ -207,12 +220,22 @@ class Server:
                 raise UsageError("the request ended early")
             data += more
         line, _, rest = data.partition(b"\n")
-        if len(fds) != 3:
-            raise UsageError(f"expected the client's stdin, stdout and stderr, got {len(fds)} fds")
         request = json.loads(line)
-        if request.get("op") != "run":
+        if request.get("op") not in ("run", "attach"):
             raise UsageError(f"unknown request {request.get('op')!r}")
+        if request["op"] == "run" and len(fds) != 3:
+            raise UsageError(f"expected the client's stdin, stdout and stderr, got {len(fds)} fds")
         return request, list(fds), rest
+
+    async def _attach(self, conn: socket.socket, request: dict[str, Any]) -> tuple[int, list[str]]:
+        """A client whose server went away asks again for its job's end."""
+        jobid = str(request["jobid"])
+        peer = _peer_uid(conn)
+        handle, task = await self.adopt(jobid)
+        if peer not in (0, os.getuid()) and handle.owner_uids != {peer}:
+            raise RefusedError(f"attach: job {jobid} is not yours")
+        rc = await asyncio.shield(task)
+        return outcome(handle, rc, json_out=bool(request.get("json")))
 
     async def _run(
         self, conn: socket.socket, request: dict[str, Any], fds: list[int], rest: bytes
