@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,9 @@ service = "sdexec"
 [sdexec]
 state-dir = "{state}"
 """
+
+
+SERVER_SOCKET = "/run/sdexec/sdexec.sock"
 
 
 def timed(argv: Sequence[str], env: dict[str, str] | None = None) -> tuple[float, int, str]:
@@ -147,6 +150,58 @@ def importtime_report(runs: list[str], top: int) -> dict[str, Any]:
     }
 
 
+def profile_run(py: str, cfg: str, jobid: str, tmp: str, top: int) -> dict[str, Any]:
+    """cProfile of one real ``sdexec run``: where the time goes once the imports are done.
+
+    Imports show up as ``<frozen importlib._bootstrap>`` and waiting for systemd as the
+    event loop's ``poll``; sdexec's own functions are listed apart so the lead sees them.
+    """
+    out_file = os.path.join(tmp, "run.prof")
+    code = (
+        "import cProfile, sys\n"
+        "from sdexec.cli import main\n"
+        f"sys.argv = ['sdexec', 'run', '--config', {cfg!r}, '--job', {jobid!r},"
+        " '--', '/bin/true']\n"
+        f"cProfile.run('rc = main()', {out_file!r})\n"
+    )
+    t0 = time.perf_counter()
+    p = subprocess.run(
+        [py, "-c", code],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        check=False,
+    )
+    wall = time.perf_counter() - t0
+    if p.returncode != 0 or not os.path.exists(out_file):
+        return {"error": f"exit {p.returncode}: {p.stderr.decode(errors='replace')[-300:]}"}
+    import pstats
+
+    stats: Any = pstats.Stats(out_file)
+    st: dict[Any, Any] = stats.stats  # {(file, line, func): (cc, nc, tt, ct, callers)}
+    total = max((v[3] for v in st.values()), default=0.0)
+
+    def row(key: tuple[str, int, str], v: tuple[Any, ...]) -> dict[str, Any]:
+        file, line, func = key
+        where = f"{file.split('/site-packages/')[-1].split('/src/')[-1]}:{line}({func})"
+        return {
+            "function": where,
+            "calls": v[1],
+            "self_ms": rnd(v[2] * 1000, 2),
+            "cumulative_ms": rnd(v[3] * 1000, 2),
+        }
+
+    by_self = sorted(st.items(), key=lambda kv: -kv[1][2])[:top]
+    own = [(k, v) for k, v in st.items() if "/sdexec/" in k[0] and "<module>" not in k[2]]
+    own.sort(key=lambda kv: -kv[1][3])
+    return {
+        "wall_ms_profiled": rnd(wall * 1000, 1),
+        "profiled_ms": rnd(total * 1000, 1),
+        "top_self": [row(k, v) for k, v in by_self],
+        "sdexec_functions_cumulative": [row(k, v) for k, v in own[:top]],
+    }
+
+
 # --- main ---------------------------------------------------------------------------------
 
 
@@ -162,6 +217,8 @@ def main(args: argparse.Namespace) -> int:
             f.write(CONFIG.format(state=os.path.join(tmp, "state")))
     sd_times: list[float] = []
     sr_times: list[float] = []
+    sv_times: list[float] = []
+    server = os.path.exists(SERVER_SOCKET) and not args.no_server
     failures: list[str] = []
     leftover = 0
     try:
@@ -174,6 +231,13 @@ def main(args: argparse.Namespace) -> int:
                 failures.append(f"sdexec run exit {rc}: {err.strip()}")
             return dt
 
+        def sdexec_server_run(i: int) -> float:
+            # no --config: the client hands the job to the node's `sdexec serve`
+            dt, rc, err = timed([*sdexec, "run", "--job", f"{prefix}-s{i}", "--", "/bin/true"])
+            if rc != 0:
+                failures.append(f"sdexec run (server) exit {rc}: {err.strip()}")
+            return dt
+
         def systemd_run() -> float:
             dt, rc, err = timed(["systemd-run", "-q", "--pipe", "--wait", "/bin/true"])
             if rc != 0:
@@ -184,13 +248,18 @@ def main(args: argparse.Namespace) -> int:
         for i in range(2):
             sdexec_run(10_000 + i)
             systemd_run()
+            if server:
+                sdexec_server_run(10_000 + i)
         for i in range(args.k):
-            if i % 2 == 0:
-                sd_times.append(sdexec_run(i))
-                sr_times.append(systemd_run())
-            else:
-                sr_times.append(systemd_run())
-                sd_times.append(sdexec_run(i))
+            series: list[tuple[list[float], Callable[[int], float]]] = [
+                (sd_times, sdexec_run),
+                (sr_times, lambda _i: systemd_run()),
+            ]
+            if server:
+                series.append((sv_times, sdexec_server_run))
+            shift = i % len(series)  # rotate who goes first
+            for times, measure in series[shift:] + series[:shift]:
+                times.append(measure(i))
         log(
             f"sdexec run median {median(sd_times) * 1000:.1f} ms, "
             f"systemd-run median {median(sr_times) * 1000:.1f} ms"
@@ -233,12 +302,17 @@ def main(args: argparse.Namespace) -> int:
                 failures.append(f"importtime run exit {p.returncode}")
             texts.append(p.stderr.decode(errors="replace"))
         imports = importtime_report(texts, args.top)
+        profile = profile_run(py, cfg, f"{prefix}-prof", tmp, args.top)
     finally:
         leftover = asyncio.run(cleanup_units())
         shutil.rmtree(tmp, ignore_errors=True)
 
     sd, sr = stats_ms(sd_times), stats_ms(sr_times)
-    ratio = sd["median_ms"] / sr["median_ms"]
+    in_process_ratio = sd["median_ms"] / sr["median_ms"]
+    sv = stats_ms(sv_times) if sv_times else None
+    # `sdexec run` is what a user types: with the site's sdexec.socket installed it goes to
+    # the server, so that is the path the goal judges; the in-process one is reported too.
+    ratio = sv["median_ms"] / sr["median_ms"] if sv else in_process_ratio
     met = ratio <= GOAL and not failures and leftover == 0
     emit(
         {
@@ -246,12 +320,17 @@ def main(args: argparse.Namespace) -> int:
             "goal": f"median(sdexec run) <= {GOAL} x median(systemd-run -q --pipe --wait), "
             "every run exit 0",
             "goal_met": met,
+            "judged_path": "server (sdexec serve via units/sdexec.socket)" if sv else "in-process",
             "ratio_of_medians": rnd(ratio, 2),
+            "in_process_ratio_of_medians": rnd(in_process_ratio, 2),
+            "server_ratio_of_medians": rnd(sv["median_ms"] / sr["median_ms"], 2) if sv else None,
             "ratio_of_p90s": rnd(sd["p90_ms"] / sr["p90_ms"], 2),
+            "sdexec_run_server": sv,
             "sdexec_run": sd,
             "systemd_run": sr,
             "startup": {k: stats_ms(v) for k, v in startup.items()},
             "imports_of_sdexec_run": imports,
+            "profile_of_one_sdexec_run": profile,
             "failures": failures[:5],
             "leftover_units": leftover,
             "params": {
@@ -289,6 +368,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--importtime-runs", type=int, default=5, help="-X importtime runs (default 5)")
     p.add_argument("--top", type=int, default=10, help="modules listed per ranking (default 10)")
     p.add_argument("--config", help="sdexec config (default: a temporary one, service sdexec)")
+    p.add_argument(
+        "--no-server", action="store_true", help="do not measure the server path even if present"
+    )
     p.add_argument("--sdexec", help="the sdexec command (default: sdexec on PATH)")
     p.add_argument("--python", help="the interpreter sdexec runs on (default: this one)")
     return p.parse_args(argv)
