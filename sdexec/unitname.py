@@ -56,13 +56,9 @@ def unit_name(jobid: str, rank: int = 0, *, guest: bool = False) -> str:
     return name
 
 
+_PATH_BYTES = [chr(b) if chr(b).isascii() and chr(b).isalnum() else f"_{b:02x}" for b in range(256)]
+
+
 def object_path(name: str) -> str:
     """The systemd D-Bus object path of a unit: every byte outside [A-Za-z0-9] becomes _XX."""
-    out = []
-    for byte in name.encode("utf-8"):
-        ch = chr(byte)
-        if ch.isascii() and ch.isalnum():
-            out.append(ch)
-        else:
-            out.append(f"_{byte:02x}")
-    return "/org/freedesktop/systemd1/unit/" + "".join(out)
+    return "/org/freedesktop/systemd1/unit/" + "".join(_PATH_BYTES[b] for b in name.encode("utf-8"))
