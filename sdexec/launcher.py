@@ -355,11 +355,16 @@ class Launcher:
                 # A program that exits at once can fail the start job of a Type=exec
                 # unit: that is a run, not a failure to start, unless systemd says exec failed.
                 self._check_start_failure(job, result, job.state.props)
-            if plan.extra:
-                applied = await self.manager.get_some(path, [name for name, _s, _v in plan.extra])
-                problems = verify_applied(plan.extra, applied)
-                if problems:
-                    raise LaunchError(f"job {spec.jobid}: {'; '.join(problems)}")
+            # The cgroup (to check it is empty once the unit is inactive: not in the signals)
+            # and the configured properties (to refuse a limit systemd did not apply).
+            applied = await self.manager.get_some(
+                path, ["ControlGroup", *(name for name, _s, _v in plan.extra)]
+            )
+            if applied.get("ControlGroup"):
+                job.cgroup = str(applied["ControlGroup"])
+            problems = verify_applied(plan.extra, applied)
+            if problems:
+                raise LaunchError(f"job {spec.jobid}: {'; '.join(problems)}")
         except BaseException:
             self._job_waiters.pop(plan.name, None)
             channels.close()
