@@ -182,8 +182,6 @@ class Job(BaseJob):
             log.debug("%s: deactivating", self.unit)
         elif isinstance(event, us.Gone):
             self.result = self.result or event.result or None
-            if self.wait_status is None and self.error is None:
-                self.error = f"the unit ended without an exit status (Result={event.result})"
             self.spawn(self._cleanup(event.failed))
 
     def _note_memory(self, ws: int) -> None:
@@ -200,6 +198,17 @@ class Job(BaseJob):
             )
 
     async def _cleanup(self, failed: bool) -> None:
+        if self.wait_status is None:
+            # "gone" came first; the exit status is in the Service interface's signal, which
+            # may still be on its way: read it rather than lose it.
+            try:
+                self.on_props(self.path, await self.launcher.manager.get_all(
+                    self.path, keys=us.STATE_PROPERTIES
+                ))  # fmt: skip
+            except LaunchError as e:
+                log.debug("%s: reading the status: %s", self.unit, e)
+            if self.wait_status is None and self.error is None:
+                self.error = f"the unit ended without an exit status (Result={self.result})"
         if not await self._reap_leftovers():
             return  # abandoned: the node is drained, the unit kept for post-mortem
         if failed and not self.keep_failed_unit:

@@ -135,17 +135,16 @@ class UnitState:
         if active in ("activating", "active", "reloading", "deactivating", "failed"):
             self.was_active = True
 
-        if self.phase is Phase.NEW and main_pid > 0 and (self.was_active or code):
+        if self.pid is None and main_pid > 0 and (self.was_active or code):
             self.pid = main_pid
-            self.phase = Phase.STARTED
+            if self.phase is Phase.NEW:
+                self.phase = Phase.STARTED
             events.append(Started(main_pid))
-        if self.phase in (Phase.NEW, Phase.STARTED) and code in (
-            CLD_EXITED,
-            CLD_KILLED,
-            CLD_DUMPED,
-        ):
+        if self.status is None and code in (CLD_EXITED, CLD_KILLED, CLD_DUMPED):
+            # may come after "gone": the Service interface's signal can follow the Unit's
             self.status = wait_status(code, status)
-            self.phase = Phase.FINISHED
+            if self.phase is not Phase.GONE:
+                self.phase = Phase.FINISHED
             events.append(Finished(self.status))
         if active == "deactivating" and not self.deactivating_seen:
             self.deactivating_seen = True
