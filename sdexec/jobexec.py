@@ -559,13 +559,21 @@ async def orphan_units(known: set[str], *, user_manager: bool = False) -> list[s
     return sorted(u[0] for u in units if u[0] not in known)
 
 
-async def attach_job(cfg: ExecConfig, jobid: str, *, user_manager: bool) -> Handle:
+async def attach_job(
+    cfg: ExecConfig,
+    jobid: str,
+    *,
+    user_manager: bool,
+    db: StateDB | None = None,
+    launcher: Launcher | None = None,
+) -> Handle:
     """Take over the shells of ``jobid`` whose launcher died (``sdexec attach``)."""
     from .launcher import Launcher
 
-    db = _open_db(cfg)
     handle = Handle(jobid=jobid, service="sdexec", db=db)
-    handle.cleanup.append(db.close)
+    if db is None:
+        db = handle.db = _open_db(cfg)
+        handle.cleanup.append(db.close)
     try:
         recs = [r for r in db.list_jobs() if r.jobid == jobid or r.jobid.startswith(jobid + ".")]
         if not recs:
@@ -580,9 +588,10 @@ async def attach_job(cfg: ExecConfig, jobid: str, *, user_manager: bool) -> Hand
                     f"attach: job {jobid} ran under {rec.service}: only sdexec units can be "
                     "re-attached (a plain process's status dies with its parent)"
                 )
-        launcher = Launcher(cfg, user=user_manager)
-        await launcher.connect()
-        handle.cleanup.append(launcher.close)
+        if launcher is None:
+            launcher = Launcher(cfg, user=user_manager)
+            await launcher.connect()
+            handle.cleanup.append(launcher.close)
         for rec in recs:
 
             async def on_drain(job: BaseJob, reason: str) -> None:

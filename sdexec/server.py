@@ -89,7 +89,7 @@ class Server:
         self.user = user
         self.launcher = Launcher(cfg, user=user)
         self._tasks: set[asyncio.Task[None]] = set()
-        self.adopted: dict[str, tuple[Handle, asyncio.Task[int | None]]] = {}
+        self.adopted: dict[str, asyncio.Future[tuple[Handle, asyncio.Task[int | None]]]] = {}
         from .cli import build_parser
         from .jobexec import _open_db
 
@@ -120,8 +120,9 @@ class Server:
         finally:
             if accept is not None:
                 accept.cancel()
-            for _handle, task in self.adopted.values():
-                task.cancel()
+            for entry in self.adopted.values():
+                if entry.done() and not entry.cancelled() and entry.exception() is None:
+                    entry.result()[1].cancel()
             listener.close()
             # Jobs go on in their units; their records let the next server (or `sdexec
             # attach`) take them over.
@@ -151,14 +152,27 @@ class Server:
                 log.warning("could not re-attach to job %s: %s", jobid, e)
 
     async def adopt(self, jobid: str) -> tuple[Handle, asyncio.Task[int | None]]:
-        """Track a job whose launcher died, once, however many clients ask for it."""
+        """Track a job whose launcher died, once, however many ask (start-up, clients)."""
         entry = self.adopted.get(jobid)
-        if entry is None:
-            handle = await attach_job(self.cfg, jobid, user_manager=self.user)
-            log.info("re-attached to job %s", jobid)
-            task = asyncio.ensure_future(self._finish_adopted(handle))
-            entry = self.adopted[jobid] = (handle, task)
-        return entry
+        if entry is not None:
+            return await asyncio.shield(entry)
+        entry = self.adopted[jobid] = asyncio.get_running_loop().create_future()
+        try:
+            handle = await attach_job(
+                self.cfg, jobid, user_manager=self.user, db=self.db, launcher=self.launcher
+            )
+        except BaseException as e:
+            del self.adopted[jobid]
+            if isinstance(e, Exception):
+                entry.set_exception(e)
+                entry.exception()  # marked retrieved: nobody else may be waiting
+            else:
+                entry.cancel()
+            raise
+        log.info("re-attached to job %s", jobid)
+        task = asyncio.ensure_future(self._finish_adopted(handle))
+        entry.set_result((handle, task))
+        return handle, task
 
     async def _finish_adopted(self, handle: Handle) -> int | None:
         kill = True

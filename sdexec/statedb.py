@@ -200,10 +200,19 @@ class StateDB:
                 ) from None
         _check_private(state_dir, "state directory", is_dir=True)
         path = os.path.join(state_dir, DB_NAME)
+        if os.path.islink(path):
+            raise RefusedError(f"cannot open state database {path}: it is a symbolic link")
         try:
-            # create it 0600 ourselves: SQLite's -wal and -shm files copy its mode
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            # Create it 0600 ourselves (SQLite's -wal and -shm files copy its mode), but only
+            # when it is not there: closing any fd of the file drops every POSIX lock this
+            # process holds on it, and a server with the database open would then let another
+            # process checkpoint and delete the WAL under it (SQLite's "how to corrupt", 2.2).
+            fd = os.open(
+                path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+            )
             os.close(fd)
+        except FileExistsError:
+            pass
         except OSError as e:
             raise RefusedError(f"cannot open state database {path}: {e.strerror}") from None
         _check_private(path, "state database", is_dir=False)

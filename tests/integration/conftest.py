@@ -89,3 +89,16 @@ def run_sdexec(*args: str, timeout: float = 60, **kw: object) -> subprocess.Comp
     return subprocess.run(  # type: ignore[call-overload, no-any-return]
         [*SDEXEC, *args], capture_output=True, text=True, timeout=timeout, check=False, **kw
     )
+
+
+def start_until_ready(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """``sdexec ARGS`` in the background, returned once the job printed its "ready" line."""
+    proc = subprocess.Popen(
+        [*SDEXEC, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if line != "ready\n":
+        proc.kill()
+        raise AssertionError(f"the job did not start: {line!r} {proc.communicate()}")
+    return proc

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from .conftest import SDEXEC
+from .conftest import SDEXEC, start_until_ready
 
 SOCKET = "/run/sdexec/sdexec.sock"
 
@@ -42,14 +42,9 @@ def server() -> Iterator[None]:
 
 
 def test_run_goes_through_the_server() -> None:
-    proc = subprocess.Popen(
-        [*SDEXEC, "run", "--job", "srv1", "--", "sh", "-c", "echo ready; sleep 2; exit 7"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    proc = start_until_ready(
+        "run", "--job", "srv1", "--", "sh", "-c", "echo ready; sleep 2; exit 7"
     )
-    assert proc.stdout is not None
-    assert proc.stdout.readline() == "ready\n"
     jobs = json.loads(run("jobs", "--json").stdout)
     (rec,) = [j for j in jobs if j["jobid"] == "srv1"]
     assert rec["launcher_pid"] == _server_pid() != 0, rec
@@ -71,37 +66,24 @@ def test_stdio_status_and_errors_through_the_server() -> None:
 
 
 def test_ctrl_c_cancels_through_the_server() -> None:
-    proc = subprocess.Popen(
-        [
-            *SDEXEC,
-            "run",
-            "--job",
-            "srv3",
-            "--",
-            "sh",
-            "-c",
-            "trap 'echo got-TERM; exit 42' TERM; echo ready; while :; do sleep 0.1; done",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    proc = start_until_ready(
+        "run",
+        "--job",
+        "srv3",
+        "--",
+        "sh",
+        "-c",
+        "trap 'echo got-TERM; exit 42' TERM; echo ready; while :; do sleep 0.1; done",
     )
-    assert proc.stdout is not None
-    assert proc.stdout.readline() == "ready\n"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     assert "got-TERM" in out and proc.returncode == 42, (out, err)
 
 
 def test_server_restart_loses_no_job() -> None:
-    proc = subprocess.Popen(
-        [*SDEXEC, "run", "--job", "srv4", "--", "sh", "-c", "echo ready; sleep 3; exit 9"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    proc = start_until_ready(
+        "run", "--job", "srv4", "--", "sh", "-c", "echo ready; sleep 3; exit 9"
     )
-    assert proc.stdout is not None
-    assert proc.stdout.readline() == "ready\n"
     before = _server_pid()
     subprocess.run(["systemctl", "restart", "sdexec.service"], check=True, timeout=30)
     _out, err = proc.communicate(timeout=60)

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .conftest import SDEXEC, run_sdexec
+from .conftest import SDEXEC, run_sdexec, start_until_ready
 
 Config = Callable[..., str]
 VENV_BIN = Path(os.environ.get("VIRTUAL_ENV", "/opt/sdexec")) / "bin"
@@ -153,30 +153,22 @@ def test_guest_cancel_goes_through_the_imp_with_sigusr1(config: Config) -> None:
     cfg = config(
         f'imp = "{IMP}"\nkill-timeout = "0.5s"\nkill-shell-delay = "1s"\nmax-term-count = 5\n'
     )
-    proc = subprocess.Popen(
-        [
-            *SDEXEC,
-            "-v",
-            "run",
-            "--config",
-            cfg,
-            "--job",
-            "guest2",
-            "--owner",
-            "guest",
-            "--cwd",
-            "/tmp",
-            "--",
-            "sh",
-            "-c",
-            "trap '' TERM; echo ready; exec sleep 60",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    proc = start_until_ready(
+        "-v",
+        "run",
+        "--config",
+        cfg,
+        "--job",
+        "guest2",
+        "--owner",
+        "guest",
+        "--cwd",
+        "/tmp",
+        "--",
+        "sh",
+        "-c",
+        "trap '' TERM; echo ready; exec sleep 60",
     )
-    assert proc.stdout is not None
-    assert proc.stdout.readline() == "ready\n"
     proc.send_signal(signal.SIGINT)
     _out, err = proc.communicate(timeout=30)
     assert "sending SIGUSR1 to the job shell" in err, err
@@ -260,30 +252,22 @@ def test_leftovers_of_an_inactive_unit_are_killed(config: Config) -> None:
     """The IMP dies (kill -9): with KillMode=process the unit fails while the guest's
     processes remain in its cgroup (Flux #6501); sdexec must see and kill them."""
     cfg = config(f'imp = "{IMP}"\nsdexec-stop-timer-sec = 2\n')
-    proc = subprocess.Popen(
-        [
-            *SDEXEC,
-            "-v",
-            "run",
-            "--config",
-            cfg,
-            "--job",
-            "guest3",
-            "--owner",
-            "guest",
-            "--cwd",
-            "/tmp",
-            "--",
-            "sh",
-            "-c",
-            "echo ready; exec sleep 61",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    proc = start_until_ready(
+        "-v",
+        "run",
+        "--config",
+        cfg,
+        "--job",
+        "guest3",
+        "--owner",
+        "guest",
+        "--cwd",
+        "/tmp",
+        "--",
+        "sh",
+        "-c",
+        "echo ready; exec sleep 61",
     )
-    assert proc.stdout is not None
-    assert proc.stdout.readline() == "ready\n"
     imp_pid = subprocess.run(
         ["systemctl", "show", "-P", "ExecMainPID", "imp-shell-0-guest3.service"],
         capture_output=True,

@@ -8,7 +8,7 @@ import subprocess
 import time
 from collections.abc import Callable
 
-from .conftest import SDEXEC, run_sdexec, sdexec_units
+from .conftest import SDEXEC, run_sdexec, sdexec_units, start_until_ready
 
 Config = Callable[..., str]
 
@@ -87,25 +87,17 @@ def test_unkillable_leftover_is_abandoned_and_drains(config: Config) -> None:
 
 def test_cancel_repeats_term_then_kills(config: Config) -> None:
     cfg = config('kill-timeout = "0.5s"\nkill-shell-delay = "2s"\n')
-    proc = subprocess.Popen(
-        [
-            *SDEXEC,
-            "run",
-            "--config",
-            cfg,
-            "--job",
-            "cancel1",
-            "--",
-            "sh",
-            "-c",
-            "trap 'echo got-TERM' TERM; echo ready; while :; do sleep 0.05; done",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    proc = start_until_ready(
+        "run",
+        "--config",
+        cfg,
+        "--job",
+        "cancel1",
+        "--",
+        "sh",
+        "-c",
+        "trap 'echo got-TERM' TERM; echo ready; while :; do sleep 0.05; done",
     )
-    assert proc.stdout is not None
-    assert proc.stdout.readline() == "ready\n"
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=30)
