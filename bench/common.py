@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import importlib.metadata
 import json
+import logging
 import os
 import platform
 import resource
@@ -46,6 +47,36 @@ def log(msg: str) -> None:
     """Progress goes to stderr: stdout carries exactly one JSON object."""
     sys.stderr.write(f"[{time.strftime('%H:%M:%S')}] {msg}\n")
     sys.stderr.flush()
+
+
+class LogCounter(logging.Handler):
+    """Counts the library's log records by message template, passing only the first few on.
+
+    A burst of failures would log one line per unit: the counts go into the JSON instead.
+    """
+
+    def __init__(self, show: int = 3) -> None:
+        super().__init__(logging.DEBUG)
+        self.show = show
+        self.counts: dict[str, int] = {}
+        self._out = logging.StreamHandler(sys.stderr)
+        self._out.setFormatter(logging.Formatter("%(name)s: %(levelname)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        key = f"{record.name} {record.levelname}: {record.msg}"
+        n = self.counts[key] = self.counts.get(key, 0) + 1
+        if n <= self.show:
+            self._out.emit(record)
+        elif n == self.show + 1:
+            sys.stderr.write(f"{record.name}: ... more of {record.msg!r} counted, not shown\n")
+
+    @classmethod
+    def install(cls, level: int = logging.WARNING) -> LogCounter:
+        handler = cls()
+        root = logging.getLogger()
+        root.handlers[:] = [handler]
+        root.setLevel(level)
+        return handler
 
 
 def emit(obj: Mapping[str, Any]) -> None:
@@ -401,16 +432,21 @@ class RawClient:
                 if self.systemd_left_after is None:
                     self.systemd_left_after = self.calls_sent
                 log(f"systemd left the bus (after {self.calls_sent} calls of ours)")
-            else:  # back: it forgot our Subscribe
+            else:  # back: re-subscribe (systemd 252 may still remember us: AlreadySubscribed)
                 task = asyncio.ensure_future(self.call("Subscribe"))
                 self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                task.add_done_callback(self._subscribed)
             return
         if msg.member != "PropertiesChanged":
             return
         unit = self.units.get(msg.path or "")
         if unit is not None and len(msg.body) > 1:
             unit.update(msg.body[1])
+
+    def _subscribed(self, task: asyncio.Future[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log(f"re-Subscribe: {task.exception()}")
 
     async def start(self, jobid: str, argv: Sequence[str]) -> RawUnit:
         """Match, StartTransientUnit (same properties as the launcher's), until active or gone."""

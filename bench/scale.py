@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import gc
 import json
-import logging
 import shutil
 import signal
 import subprocess
@@ -29,6 +28,7 @@ if __package__ in (None, ""):  # run as a script: make ``bench`` and ``sdexec`` 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
+    LogCounter,
     RawClient,
     RawUnit,
     cancel_on_sigterm,
@@ -46,6 +46,22 @@ from bench.common import (
 
 GOAL_KB_PER_UNIT = 20.0
 GOAL_FD_SLACK = 2
+
+
+def type_counts() -> dict[str, int]:
+    out: dict[str, int] = {}
+    for o in gc.get_objects():
+        k = type(o).__qualname__
+        out[k] = out.get(k, 0) + 1
+    return out
+
+
+def leak_suspects(before: dict[str, int], units: int, top: int = 10) -> dict[str, float]:
+    """Object types that grew since ``before``, per unit: what the launcher still holds."""
+    after = type_counts()
+    grown = {k: after[k] - before.get(k, 0) for k in after}
+    best = sorted(grown.items(), key=lambda kv: -kv[1])[:top]
+    return {k: round(v / max(units, 1), 2) for k, v in best if v > 0}
 
 
 def snapshot() -> dict[str, Any]:
@@ -124,6 +140,7 @@ async def lib_worker(args: argparse.Namespace, prefix: str, out: dict[str, Any])
             await simulate_namespace_match(launcher.manager, out)
         await asyncio.sleep(0.2)
         out["before"] = snapshot()
+        types_before = type_counts()
         tracer = _start_tracemalloc(args.tracemalloc)
 
         t_end = planned_end(args)
@@ -147,6 +164,7 @@ async def lib_worker(args: argparse.Namespace, prefix: str, out: dict[str, Any])
         if errors:
             out["start_errors"] = error_summary(errors)
             log(f"library: {len(errors)} starts failed: {out['start_errors']}")
+            errors.clear()  # their tracebacks hold frames: not the launcher's memory
         log(f"library: {len(jobs)} units started in {out['start_seconds']}s")
         await asyncio.sleep(args.settle)
         out["after_start"] = snapshot()
@@ -179,9 +197,10 @@ async def lib_worker(args: argparse.Namespace, prefix: str, out: dict[str, Any])
             out["job_errors"] = error_summary([RuntimeError(e) for e in errs])
         log(f"library: all {args.end} and waited in {out['end_seconds']}s: {codes}")
         await asyncio.sleep(args.settle)
+        jobs.clear()
         out["after_end"] = snapshot()
         out["tracked_jobs_after_end"] = len(launcher.jobs)
-        jobs.clear()
+        out["objects_held_per_unit_after_end"] = leak_suspects(types_before, out["started"])
     out["after_close"] = snapshot()
 
 
@@ -206,6 +225,7 @@ async def raw_worker(args: argparse.Namespace, prefix: str, out: dict[str, Any])
         out["started"] = len(units)
         if errors:
             out["start_errors"] = error_summary(errors)
+            errors.clear()
         log(f"raw: {len(units)} units started in {out['start_seconds']}s")
         await asyncio.sleep(args.settle)
         out["after_start"] = snapshot()
@@ -266,6 +286,7 @@ async def worker_main(args: argparse.Namespace) -> int:
     raise_nofile(1 << 20)
     prefix = args.prefix
     res: dict[str, Any] = {"kind": args.worker}
+    logs = LogCounter.install()
     rc = 0
     try:
         if args.worker == "library":
@@ -278,6 +299,7 @@ async def worker_main(args: argparse.Namespace) -> int:
         rc = 1
     finally:
         # a fresh connection: this worker's own units, whatever state they were left in
+        res["log_counts"] = logs.counts
         res["leftover_units"] = await cleanup_units(
             [f"shell-*-{prefix}-{'L' if args.worker == 'library' else 'R'}*.service"]
         )
@@ -457,7 +479,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(levelname)s: %(message)s")
     a = parse_args()
     try:
         if a.worker:

@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import cProfile
 import io
-import logging
 import pstats
 import sys
 import time
@@ -25,6 +24,7 @@ if __package__ in (None, ""):  # run as a script: make ``bench`` and ``sdexec`` 
 
 from bench.common import (
     CpuMeter,
+    LogCounter,
     RawClient,
     cancel_on_sigterm,
     cleanup_units,
@@ -141,6 +141,7 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 async def main(args: argparse.Namespace) -> int:
     cancel_on_sigterm()
+    logs = LogCounter.install()
     cfg = load_config(args.config) if args.config else ExecConfig()
     argv = args.argv or ["/bin/true"]
     stdout = PIPE if args.stdout == "pipe" else DEVNULL
@@ -199,6 +200,7 @@ async def main(args: argparse.Namespace) -> int:
             "library": lib,
             "raw": raw,
             "leftover_units": leftover,
+            "log_counts": logs.counts,
             "params": {
                 "n_per_round": args.n,
                 "concurrency": args.concurrency,
@@ -263,7 +265,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(levelname)s: %(message)s")
     a = parse_args()
     try:
         sys.exit(asyncio.run(main(a)))
