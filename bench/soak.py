@@ -37,6 +37,7 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from array import array
 from collections.abc import Sequence
@@ -255,8 +256,6 @@ def pymalloc_stats() -> dict[str, int]:
     An arena is returned to the OS only when every object in it is gone, so RSS that stays
     up after the units are gone while ``bytes_in_use`` is back is fragmentation, not a leak.
     """
-    import tempfile
-
     sys.stderr.flush()
     with tempfile.TemporaryFile(mode="w+") as tmp:
         saved = os.dup(2)
@@ -355,7 +354,9 @@ class Soak:
         self.launcher: Launcher | None = None
         self.probe = Probe()
         self.win = Window()
-        self.samples: list[dict[str, Any]] = []
+        # the series goes to a file, not the heap: the benchmark must not grow like a leak
+        self._series = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed in samples())
+        self.n_samples = 0
         self.hist: dict[str, dict[str, Histogram]] = {
             p: {"latency": Histogram(), "start_call": Histogram(), "run": Histogram()}
             for p in PHASES
@@ -394,6 +395,15 @@ class Soak:
 
     def now(self) -> float:
         return time.perf_counter() - self.t0
+
+    def snapshot(self) -> dict[str, Any]:
+        return self.probe.me_now()
+
+    def samples(self) -> list[dict[str, Any]]:
+        """The whole series, read back once at the end (the file is closed)."""
+        with self._series as f:
+            f.seek(0)
+            return [json.loads(line) for line in f]
 
     # --- bookkeeping ---
 
@@ -548,6 +558,9 @@ class Soak:
 
     async def sample(self) -> dict[str, Any]:
         """Close the current window: its rates and percentiles, and the process's state now."""
+        assert self.launcher is not None
+        mgr = self.launcher.manager
+        sd = await systemd_counts(mgr)
         w, self.win = self.win, Window()
         t = self.now()
         dt, self.last_t = t - self.last_t, t
@@ -557,9 +570,7 @@ class Soak:
         if hist is not None:
             hist["latency"].extend(w.lat_short)
         self.long_hist.extend(w.lat_long)
-        me = self.probe.me_now()
-        assert self.launcher is not None
-        mgr = self.launcher.manager
+        me = self.snapshot()
         s: dict[str, Any] = {
             "t": rnd(t, 2),
             "phase": self.phase,
@@ -578,7 +589,7 @@ class Soak:
             "match_rules": len(getattr(mgr, "_matched", ())),
             "namespace_match": getattr(mgr, "_namespace_match", None),
             "pending_jobs": len(getattr(mgr, "_pending_jobs", ())),
-            "systemd": await systemd_counts(mgr),
+            "systemd": sd,
             "systemd_rss_mb": self.probe.rss_mb(self.probe.pid1),
             "dbus_rss_mb": self.probe.rss_mb(self.probe.bus),
             "cpu_pct": cpu,
@@ -591,12 +602,12 @@ class Soak:
         for k in ("rss_mb", "fds", "tracked_jobs", "systemd_rss_mb", "py_blocks", "tasks"):
             if s[k] is not None:
                 self.peak[k] = max(self.peak.get(k, s[k]), s[k])
-        sd = s["systemd"]
         for k in ("units", "jobs", "failed"):
             if isinstance(sd.get(k), int):
                 self.peak[f"systemd_{k}"] = max(self.peak.get(f"systemd_{k}", 0), sd[k])
         self.peak["match_rules"] = max(self.peak.get("match_rules", 0), s["match_rules"])
-        self.samples.append(s)
+        self._series.write(json.dumps(s) + "\n")
+        self.n_samples += 1
         log(
             f"{s['phase']:8} t={t:6.0f}s {s['starts_per_s'] or 0:5.1f} starts/s "
             f"lat p50 {s['lat_p50_ms']} p99 {s['lat_p99_ms']} ms | rss {s['rss_mb']} MB "
@@ -618,7 +629,7 @@ class Soak:
 
     async def enter(self, phase: str) -> None:
         """Phases begin on a sample boundary, so no window mixes two of them."""
-        if self.samples or self.phase != "setup":
+        if self.n_samples or self.phase != "setup":
             await self.sample()
         self.phase = phase
         self.phase_t[phase] = rnd(self.now(), 2)
@@ -638,7 +649,7 @@ class Soak:
             await asyncio.sleep(0.5)
             gc.collect()
             out["baseline"] = {
-                **self.probe.me_now(),
+                **self.snapshot(),
                 "systemd": await systemd_counts(self.manager),
                 "systemd_rss_mb": self.probe.rss_mb(self.probe.pid1),
                 "pymalloc": pymalloc_stats(),
@@ -648,7 +659,7 @@ class Soak:
                 sampler = asyncio.create_task(self.sampler())
                 stream = asyncio.create_task(self.stream())
                 await asyncio.sleep(args.warmup)
-                out["after_warmup"] = self.probe.me_now()
+                out["after_warmup"] = self.snapshot()
 
                 await self.enter("ramp")
                 t = time.perf_counter()
@@ -658,7 +669,7 @@ class Soak:
                 except TimeoutError:
                     self.note_error("ramp", f"not all started within {args.ramp_timeout:g}s")
                 out["ramp_seconds"] = rnd(time.perf_counter() - t, 2)
-                out["after_ramp"] = {**self.probe.me_now(), "pymalloc": pymalloc_stats()}
+                out["after_ramp"] = {**self.snapshot(), "pymalloc": pymalloc_stats()}
 
                 await self.enter("soak")
                 await asyncio.sleep(args.duration)
@@ -679,7 +690,7 @@ class Soak:
                 gc.collect()
                 await self.sample()
                 out["end"] = {
-                    **self.probe.me_now(),
+                    **self.snapshot(),
                     "tracked_jobs": len(launcher.jobs),
                     "systemd": await systemd_counts(self.manager),
                     "systemd_rss_mb": self.probe.rss_mb(self.probe.pid1),
@@ -727,9 +738,8 @@ class Soak:
 # --- the verdict --------------------------------------------------------------------------
 
 
-def summarize(soak: Soak, out: dict[str, Any]) -> dict[str, Any]:
+def summarize(soak: Soak, out: dict[str, Any], samples: list[dict[str, Any]]) -> dict[str, Any]:
     args = soak.args
-    samples = soak.samples
     lat = {p: h["latency"].summary() for p, h in soak.hist.items() if h["latency"].n}
     overall = Histogram()
     for p in ("warmup", "ramp", "soak", "drain"):
@@ -776,8 +786,12 @@ def summarize(soak: Soak, out: dict[str, Any]) -> dict[str, Any]:
     def ratio(a: float | None, b: float | None) -> float | None:
         return rnd(a / b, 2) if a is not None and b else None
 
-    rss_slope = slope_per_min(series("rss_mb", "soak"))
-    blocks_slope = slope_per_min(series("py_blocks", "soak"))
+    # over the soak's second half: bounded caches (dbus-fast's lru_caches, the launcher's
+    # deque of finished jobs) fill up first, and a leak is what still grows after that
+    rss_pts = series("rss_mb", "soak")
+    rss_slope = slope_per_min(rss_pts[len(rss_pts) // 2 :])
+    blocks_pts = series("py_blocks", "soak")
+    blocks_slope = slope_per_min(blocks_pts[len(blocks_pts) // 2 :])
     soak_minutes = args.duration / 60
     sd_base, sd_end = base.get("systemd", {}), end.get("systemd", {})
     summary: dict[str, Any] = {
@@ -817,7 +831,7 @@ def summarize(soak: Soak, out: dict[str, Any]) -> dict[str, Any]:
             "peak": soak.peak.get("rss_mb"),
             "end": end.get("rss_mb"),
             "end_after_malloc_trim": end.get("rss_mb_after_malloc_trim"),
-            "soak_slope_per_min": rnd(rss_slope, 3) if rss_slope is not None else None,
+            "slope_per_min_2nd_half_of_soak": rnd(rss_slope, 3) if rss_slope is not None else None,
         },
         "fds": {
             "baseline": base.get("fds"),
@@ -825,11 +839,14 @@ def summarize(soak: Soak, out: dict[str, Any]) -> dict[str, Any]:
             "end": end.get("fds"),
         },
         "py_blocks": {
+            "what": "pymalloc blocks in use (Python objects)",
             "baseline": base.get("py_blocks"),
             "after_warmup": warm.get("py_blocks"),
             "peak": soak.peak.get("py_blocks"),
             "end": end.get("py_blocks"),
-            "soak_slope_per_min": round(blocks_slope) if blocks_slope is not None else None,
+            "slope_per_min_2nd_half_of_soak": (
+                round(blocks_slope) if blocks_slope is not None else None
+            ),
         },
         "pymalloc": {
             "baseline": base.get("pymalloc"),
@@ -964,7 +981,8 @@ async def soak_main(args: argparse.Namespace) -> int:
         # what the launcher itself left, then a fresh connection disposes of anything
         out["units_left_loaded"] = units_loaded(SOAK_PATTERNS)
         out["leftover_units_cleaned"] = await cleanup_units(SOAK_PATTERNS)
-    verdict = summarize(soak, out)
+    series = soak.samples()
+    verdict = summarize(soak, out, series)
     result: dict[str, Any] = {
         "benchmark": "soak",
         "ok": verdict["ok"] and not interrupted and "failed" not in out,
@@ -991,7 +1009,7 @@ async def soak_main(args: argparse.Namespace) -> int:
             "stdio": "stdin/stdout/stderr=DEVNULL",
         },
         "phases_start_t": soak.phase_t,
-        "series": soak.samples,
+        "series": series,
         "host": host_facts(),
     }
     for k in ("failed", "baseline", "after_warmup", "after_ramp", "end"):
@@ -1020,7 +1038,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--long-concurrency", type=int, default=32, help="long starts in flight (default 32)"
     )
-    p.add_argument("--duration", type=float, default=600.0, help="soak seconds (default 600)")
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=600.0,
+        help="soak seconds (default 600; the growth check needs >= 6 samples, i.e. >= 30 s)",
+    )
     p.add_argument("--warmup", type=float, default=30.0, help="baseline seconds (default 30)")
     p.add_argument("--interval", type=float, default=5.0, help="sample period s (default 5)")
     p.add_argument("--short", default="/bin/true", help="short unit command (default /bin/true)")

@@ -355,20 +355,41 @@ class Manager:
             if self._namespace_match or path in self._matched:
                 return
             if len(self._matched) < UNIT_MATCH_MAX:
-                await self._add_match(self._unit_rule(path))
-                self._matched.add(path)
-                return
+                try:
+                    await self._add_match(self._unit_rule(path))
+                    self._matched.add(path)
+                    return
+                except BusCallError as e:
+                    if "LimitsExceeded" not in e.name:
+                        raise  # a bus with a lower cap than ours: switch now, below
             # Many units: one rule for the whole unit namespace, filtered here by path
             # (never polling ListUnits), and the per-unit rules given back.
-            log.info("%d units watched: one match rule for all units from now on", UNIT_MATCH_MAX)
-            await self._add_match(
+            log.info(
+                "%d units watched: one match rule for all units from now on", len(self._matched)
+            )
+            namespace_rule = (
                 f"type='signal',sender='{SYSTEMD}',path_namespace='{UNIT_NAMESPACE}',"
                 f"interface='{PROPS_IFACE}',member='PropertiesChanged'"
             )
+            freed: str | None = None
+            try:
+                await self._add_match(namespace_rule)
+            except BusCallError as e:
+                if "LimitsExceeded" not in e.name or not self._matched:
+                    raise
+                # no room even for that one: give a per-unit rule back first, then re-read
+                # that unit (its signals in between may be lost)
+                freed = self._matched.pop()
+                await self._remove_match(self._unit_rule(freed))
+                await self._add_match(namespace_rule)
             self._namespace_match = True
             dropped, self._matched = self._matched, set()
         for old in dropped:
             await self._remove_match(self._unit_rule(old))
+        entry = self._props_handlers.get(freed) if freed else None
+        if freed and entry is not None:
+            handler, keys = entry
+            handler(freed, await self.get_all(freed, keys=keys))
 
     async def _remove_match(self, rule: str) -> None:
         if self._bus is None or not self._bus.connected:
