@@ -200,7 +200,16 @@ def _find_cgroup() -> str | None:
     try:
         with open("/proc/self/cgroup") as f:
             text = f.read()
-        return cgroup_dir(text, unified=is_unified())
+        if is_unified():
+            return cgroup_dir(text, unified=True)
+        hybrid = os.path.join(CGROUP_ROOT, "unified")
+        if os.path.isdir(os.path.join(hybrid, "init.scope")) or os.path.exists(
+            os.path.join(hybrid, "cgroup.procs")
+        ):
+            # hybrid host: systemd tracks processes in the unified tree too, and that one is
+            # private to a container's cgroup namespace (name=systemd may be shared)
+            return cgroup_dir(text, unified=True, root=hybrid)
+        return cgroup_dir(text, unified=False)
     except (OSError, ImpError) as e:
         sys.stderr.write(f"{PROG}: warning: {e}; SIGUSR1 will only kill the shell's group\n")
         return None

@@ -17,6 +17,7 @@ Config = Callable[..., str]
 VENV_BIN = Path(os.environ.get("VIRTUAL_ENV", "/opt/sdexec")) / "bin"
 IMP = str(VENV_BIN / "sdexec-test-imp")
 SHELL = str(VENV_BIN / "sdexec-shell")
+AS_GUEST = ("--owner", "guest", "--cwd", "/tmp")  # the node's test user, somewhere it may be
 
 
 def _journal_mentions(text: str, since: str) -> bool:
@@ -135,10 +136,7 @@ def test_guest_runs_as_the_guest_through_the_imp(config: Config) -> None:
         cfg,
         "--job",
         "guest1",
-        "--owner",
-        "guest",
-        "--cwd",
-        "/tmp",
+        *AS_GUEST,
         "--",
         "sh",
         "-c",
@@ -160,10 +158,7 @@ def test_guest_cancel_goes_through_the_imp_with_sigusr1(config: Config) -> None:
         cfg,
         "--job",
         "guest2",
-        "--owner",
-        "guest",
-        "--cwd",
-        "/tmp",
+        *AS_GUEST,
         "--",
         "sh",
         "-c",
@@ -259,10 +254,7 @@ def test_leftovers_of_an_inactive_unit_are_killed(config: Config) -> None:
         cfg,
         "--job",
         "guest3",
-        "--owner",
-        "guest",
-        "--cwd",
-        "/tmp",
+        *AS_GUEST,
         "--",
         "sh",
         "-c",
