@@ -57,10 +57,14 @@ def _connect(path: str) -> socket.socket | None:
     return sock
 
 
+def _options(argv: Sequence[str]) -> Sequence[str]:
+    """``run``'s own options: what comes before the job's ``--``."""
+    return argv[1 : list(argv).index("--")] if "--" in argv else argv[1:]
+
+
 def run_via_server(argv: Sequence[str]) -> int | None:
     """The exit code, or None when there is no server (the caller runs in-process)."""
-    options = argv[1 : list(argv).index("--")] if "--" in argv else argv[1:]
-    sock = _connect(socket_path("--user" in options))
+    sock = _connect(socket_path("--user" in _options(argv)))
     if sock is None:
         return None
     with sock:
@@ -96,7 +100,7 @@ def run_via_server(argv: Sequence[str]) -> int | None:
 
 
 def _reattach(argv: Sequence[str], jobid: str) -> int:
-    options = argv[1 : list(argv).index("--")] if "--" in argv else argv[1:]
+    options = _options(argv)
     path = socket_path("--user" in options)
     for delay in (0.1, 0.2, 0.5, 1, 2, 5, 10):
         sock = _connect(path)

@@ -27,13 +27,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STATE_BY_PHASE = {
-    "new": "starting",
-    "started": "running",
-    "finished": "running",
-    "gone": "finished",
-}
-
 
 def new_jobid() -> str:
     """Unique on this node without coordination: milliseconds, pid and a random tail."""

@@ -65,7 +65,6 @@ class BaseJob(ABC):
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stop_wake = asyncio.Event()
         self._term_wake = asyncio.Event()
-        self._cancelled = asyncio.Event()
 
     # --- the Process surface ---------------------------------------------------------------
 

@@ -53,18 +53,20 @@ class JobRequest:
     shells: int = 1  # shells of this job on this node: ranks rank .. rank+shells-1
 
     def owner_uid(self) -> int:
-        if self.owner is None:
-            return os.getuid()
-        owner = self.owner
-        try:
-            if owner.isascii() and owner.isdigit():
-                return int(owner)
-            return pwd.getpwnam(owner).pw_uid
-        except (KeyError, ValueError):
-            raise UsageError(f"--owner: no such user {show_value(owner)}") from None
+        return os.getuid() if self.owner is None else owner_uid(self.owner)
 
     def guest(self) -> bool:
         return self.owner_uid() != os.getuid()
+
+
+def owner_uid(owner: str) -> int:
+    """``--owner`` (a user name or a uid) as a uid; a UsageError naming the option if none."""
+    try:
+        if owner.isascii() and owner.isdigit():
+            return int(owner)
+        return pwd.getpwnam(owner).pw_uid
+    except (KeyError, ValueError):
+        raise UsageError(f"--owner: no such user {show_value(owner)}") from None
 
 
 def select_service(cfg: ExecConfig, req: JobRequest) -> str:
@@ -191,7 +193,7 @@ class Handle:
         self.cleanup.clear()
 
 
-def _open_db(cfg: ExecConfig) -> StateDB:
+def open_db(cfg: ExecConfig) -> StateDB:
     from .statedb import StateDB
 
     return StateDB.open(cfg.sdexec.resolved_state_dir())
@@ -262,7 +264,7 @@ async def start_job(
     """
     handle = Handle(jobid=req.jobid, service=service, db=db, owner_uids={req.owner_uid()})
     if db is None:  # a resident server passes its own, open for all jobs
-        db = handle.db = _open_db(cfg)
+        db = handle.db = open_db(cfg)
         handle.cleanup.append(db.close)
     try:
         db.check_not_drained()
@@ -453,6 +455,10 @@ class SimulatedJob(BaseJob):
 
     service = "testexec"
 
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._cancelled = asyncio.Event()
+
     async def signal(self, signum: int, who: Who = "all") -> None:
         self._cancelled.set()
 
@@ -572,7 +578,7 @@ async def attach_job(
 
     handle = Handle(jobid=jobid, service="sdexec", db=db)
     if db is None:
-        db = handle.db = _open_db(cfg)
+        db = handle.db = open_db(cfg)
         handle.cleanup.append(db.close)
     try:
         recs = [r for r in db.list_jobs() if r.jobid == jobid or r.jobid.startswith(jobid + ".")]

@@ -18,7 +18,6 @@ import asyncio
 import json
 import logging
 import os
-import pwd
 import signal
 import socket
 import stat
@@ -29,9 +28,8 @@ from .client import socket_path
 from .cmd_run import build_request, outcome
 from .config import ExecConfig
 from .errors import RefusedError, SdexecError, UsageError
-from .jobexec import Handle, attach_job, select_service, start_job
+from .jobexec import Handle, attach_job, open_db, owner_uid, select_service, start_job
 from .launcher import Launcher
-from .show import show_value
 
 log = logging.getLogger(__name__)
 
@@ -69,17 +67,8 @@ def _owner(peer_uid: int, asked: str | None) -> str | None:
     me = os.getuid()
     if peer_uid == me:
         return asked
-    if asked is not None and peer_uid != 0:
-        try:
-            asked_uid = int(asked) if asked.isascii() and asked.isdigit() else None
-            if asked_uid is None:
-                asked_uid = pwd.getpwnam(asked).pw_uid
-        except (KeyError, ValueError):
-            raise UsageError(f"--owner: no such user {show_value(asked)}") from None
-        if asked_uid != peer_uid:
-            raise RefusedError(
-                "--owner: only the instance owner (root) may run jobs for other users"
-            )
+    if asked is not None and peer_uid != 0 and owner_uid(asked) != peer_uid:
+        raise RefusedError("--owner: only the instance owner (root) may run jobs for other users")
     return asked if peer_uid == 0 else str(peer_uid)
 
 
@@ -91,10 +80,9 @@ class Server:
         self._tasks: set[asyncio.Task[None]] = set()
         self.adopted: dict[str, asyncio.Future[tuple[Handle, asyncio.Task[int | None]]]] = {}
         from .cli import build_parser
-        from .jobexec import _open_db
 
         self.parser = build_parser("run")  # argparse is slow to build: once, not per job
-        self.db = _open_db(cfg)
+        self.db = open_db(cfg)
 
     async def serve(self, path: str | None = None) -> None:
         loop = asyncio.get_running_loop()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import CommandNotExecutable, CommandNotFound, UsageError
@@ -38,7 +38,6 @@ class UnitPlan:
     extra: tuple[tuple[str, str, Any], ...] = ()  # (name, D-Bus signature, value)
     fds: tuple[int, int, int] | None = None  # stdin, stdout, stderr (indices into unix_fds)
     expand_env: bool = False  # True only for the ExecStart fallback (old systemd)
-    notes: tuple[str, ...] = field(default=())
 
 
 def resolve_program(program: str, env: Mapping[str, str], cwd: str) -> str:
