@@ -80,8 +80,13 @@ SDEXEC_KEYS = (
     "allow-properties",
     "stdio-eof-timeout",
     "start-timeout",
+    "max-connections",
+    "max-connections-per-user",
+    "request-timeout",
 )
 TESTEXEC_KEYS = ("allow-guests",)
+MAX_CONNECTIONS = 1 << 18
+"""A quarter of Linux's largest descriptor table (fs.nr_open's ceiling is 2**20)."""
 OUR_TABLES = ("exec", "sdexec")
 # Flux's own tables: never mistaken for a misspelt [exec] even if they look alike.
 FLUX_TABLES = frozenset(
@@ -124,6 +129,9 @@ class SiteConfig:
     allow_properties: tuple[str, ...] = ()
     stdio_eof_timeout: float = 10.0
     start_timeout: float = 30.0
+    max_connections: int = 4096
+    max_connections_per_user: int = 256
+    request_timeout: float = 10.0
 
     def resolved_state_dir(self) -> str:
         return self.state_dir if self.state_dir is not None else default_state_dir()
@@ -207,6 +215,9 @@ class ExecConfig:
             sd["allow-properties"] = list(site.allow_properties)
         sd["stdio-eof-timeout"] = format_fsd(site.stdio_eof_timeout)
         sd["start-timeout"] = format_fsd(site.start_timeout)
+        sd["max-connections"] = site.max_connections
+        sd["max-connections-per-user"] = site.max_connections_per_user
+        sd["request-timeout"] = format_fsd(site.request_timeout)
         return {"exec": ex, "sdexec": sd}
 
 
@@ -406,7 +417,26 @@ def _parse_site(data: Mapping[str, Any], c: _Checker) -> SiteConfig:
         sd, (*P, "start-timeout"), defaults.start_timeout, positive=True, finite=True,
         example="30s",
     )  # fmt: skip
-    assert stdio is not None and start is not None
+    request = c.duration(
+        sd, (*P, "request-timeout"), defaults.request_timeout, positive=True, finite=True,
+        example="10s",
+    )  # fmt: skip
+    assert stdio is not None and start is not None and request is not None
+    total = c.count(sd, (*P, "max-connections"), defaults.max_connections)
+    if total > MAX_CONNECTIONS:  # each needs a descriptor: no more than the kernel could give
+        c.error(
+            (*P, "max-connections"),
+            f"{total} is too large (accepted: an integer from 1 to {MAX_CONNECTIONS})",
+        )
+        total = defaults.max_connections
+    per_user = c.count(sd, (*P, "max-connections-per-user"), defaults.max_connections_per_user)
+    if per_user > total:
+        c.error(
+            (*P, "max-connections-per-user"),
+            f"{per_user} is more than max-connections ({total}); "
+            f"accepted: an integer from 1 to {total}",
+        )
+        per_user = total
     return SiteConfig(
         state_dir=state_dir,
         drain_command=drain,
@@ -414,6 +444,9 @@ def _parse_site(data: Mapping[str, Any], c: _Checker) -> SiteConfig:
         allow_properties=tuple(allow),
         stdio_eof_timeout=stdio,
         start_timeout=start,
+        max_connections=total,
+        max_connections_per_user=per_user,
+        request_timeout=request,
     )
 
 

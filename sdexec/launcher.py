@@ -25,7 +25,7 @@ from typing import Any
 from dbus_fast import Variant
 
 from . import unitstate as us
-from .bus import BusCallError, Manager
+from .bus import RETRY_FOR, TRANSIENT_ERRORS, BusCallError, Manager
 from .cgroup import cgroup_pids, kill_cgroup, unit_cgroup_dir
 from .channel import DEVNULL, PIPE, Channels
 from .clock import Clock, MonotonicClock
@@ -48,6 +48,9 @@ from .unitname import object_path, unit_name
 log = logging.getLogger(__name__)
 
 __all__ = ["DEVNULL", "PIPE", "Job", "JobSpec", "Launcher"]
+
+START_PROPERTIES = us.STATE_PROPERTIES | {"Job"}
+"""A starting unit's state, and whether its start job is still queued (``Job`` = (0, "/"))."""
 
 
 @dataclass
@@ -452,7 +455,17 @@ class Launcher:
         return job
 
     async def _start_unit(self, plan: UnitPlan, channels: Channels, job: Job) -> None:
-        for attempt in range(3):
+        """StartTransientUnit, sent again when it failed for want of systemd or the bus.
+
+        A ``daemon-reexec`` answers calls in flight with NoReply, a bus restart drops them:
+        the start may or may not have happened. Once systemd answers again, a unit of our
+        name that exists is ours (the job's record reserves the name), so it is tracked from
+        its state; otherwise the start is sent again, with the same stdio (``channels``
+        keeps its copies until ``close_remote()``).
+        """
+        reset = transient = 0
+        deadline = asyncio.get_running_loop().time() + RETRY_FOR
+        while True:
             props = [[k, Variant(sig, v)] for k, (sig, v) in properties(plan)]
             try:
                 await self.manager.job_call(
@@ -463,9 +476,10 @@ class Launcher:
                 )
                 return
             except BusCallError as e:
-                if "UnitExists" in e.name and attempt == 0:
+                if "UnitExists" in e.name and not reset and not transient:
                     # a failed unit of an earlier run with this id: reset once, then retry
                     log.info("%s exists; resetting it and retrying once", plan.name)
+                    reset += 1
                     await self.reset_failed(plan.name)
                     continue
                 if "UnitExists" in e.name:
@@ -478,8 +492,36 @@ class Launcher:
                     self._exec_start_ex = False
                     plan = replace(plan, expand_env=True)
                     continue
-                raise
-        raise LaunchError(f"job {job.jobid}: could not start {plan.name}")
+                if e.name not in TRANSIENT_ERRORS:
+                    raise
+                failure: LaunchError = e
+            except LaunchError as e:  # the connection dropped under the call
+                failure = e
+            transient += 1
+            if asyncio.get_running_loop().time() > deadline:
+                raise failure
+            log.info("%s: StartTransientUnit: %s; checking whether it started", plan.name, failure)
+            state = await self.manager.get_all(job.path, keys=START_PROPERTIES)  # waits it out
+            if state.get("LoadState") == "loaded":
+                log.info("%s: started after all; following it", plan.name)
+                job.on_props(job.path, state)
+                self._settle_start(plan.name, state)
+                return
+            await asyncio.sleep(min(0.05 * transient, 1.0))
+
+    def _settle_start(self, unit: str, props: Mapping[str, Any]) -> None:
+        """Resolve a start that waits for its JobRemoved from the unit's state, when no start
+        job is pending any more: a JobRemoved sent while the bus was away is lost for good."""
+        fut = self._job_waiters.get(unit)
+        if fut is None or fut.done() or props.get("LoadState") != "loaded":
+            return
+        pending = props.get("Job")
+        if isinstance(pending, (list, tuple)) and pending and pending[0]:
+            return  # still queued: its JobRemoved comes on the connection we have now
+        active = props.get("ActiveState")
+        # "done" as systemd would have said; anything else makes start() check whether the
+        # program ran (a quick exit can fail the start job of a Type=exec unit)
+        fut.set_result("done" if active in ("active", "reloading", "deactivating") else "resync")
 
     @staticmethod
     def _check_start_failure(job: Job, result: str, props: Mapping[str, Any]) -> None:
@@ -535,13 +577,18 @@ class Launcher:
     async def resync(self) -> None:
         """Re-read every tracked unit: signals were lost while the bus or systemd was away."""
         for path, job in list(self.jobs.items()):
+            starting = job.unit in self._job_waiters
             try:
-                props = await self.manager.get_all(path, keys=us.STATE_PROPERTIES)
+                props = await self.manager.get_all(
+                    path, keys=START_PROPERTIES if starting else us.STATE_PROPERTIES
+                )
             except LaunchError as e:
                 log.warning("%s: cannot re-read after reconnect: %s", job.unit, e)
                 continue
             log.info("%s: re-read after reconnect (%s)", job.unit, props.get("ActiveState"))
             job.on_props(path, props)
+            if starting:
+                self._settle_start(job.unit, props)
 
     def memory_limit_text(self) -> str | None:
         limits = [
