@@ -100,16 +100,30 @@ def select_service(cfg: ExecConfig, req: JobRequest) -> str:
                 f'--setattr {SERVICE_ATTR}: {wanted!r} is not a service (one of "rexec", "sdexec")'
             )
         service = wanted
-    if guest and not cfg.imp:
-        raise RefusedError(
-            f"job {req.jobid}: owner {show_value(req.owner)} is not the instance owner "
-            "and exec.imp "
-            "is not set: "
-            "guest jobs run only through the IMP"
-        )
+    if guest:
+        guest_policy(cfg, req)
     if guest and service == "rexec":
         raise RefusedError(f"job {req.jobid}: guest jobs need the sdexec service (exec.service)")
     return service
+
+
+def guest_policy(cfg: ExecConfig, req: JobRequest) -> str:
+    """How a guest's job gets the guest's credentials ("imp" or "systemd"), or a refusal."""
+    mode = cfg.sdexec.guest_credentials
+    if mode == "systemd":
+        if os.geteuid() != 0 or req.user_manager:
+            raise RefusedError(
+                f"job {req.jobid}: [sdexec] guest-credentials = \"systemd\" runs guests with "
+                "the unit's User=, which needs a root launcher on the system manager"
+            )
+        return mode
+    if not cfg.imp:
+        raise RefusedError(
+            f"job {req.jobid}: owner {show_value(req.owner)} is not the instance owner "
+            "and exec.imp is not set: guest jobs run only through the IMP "
+            '(or set [sdexec] guest-credentials = "systemd" on a root launcher)'
+        )
+    return mode
 
 
 @dataclass
@@ -294,7 +308,8 @@ def _shell_prefix(cfg: ExecConfig, req: JobRequest) -> tuple[str, ...]:
     """
     if cfg.job_shell:
         return (cfg.job_shell, "--")
-    if req.guest() or req.shells > 1:
+    via_imp = req.guest() and cfg.sdexec.guest_credentials == "imp"
+    if via_imp or req.shells > 1:
         return (sys.executable, "-m", "sdexec.shell", "--")
     return ()
 
@@ -311,6 +326,7 @@ async def _start_shells(
     db = handle.db
     assert db is not None
     guest = req.guest()
+    via_imp = guest and cfg.sdexec.guest_credentials == "imp"
     shell = _shell_prefix(cfg, req)
     barrier_path = None
     if req.shells > 1:
@@ -337,7 +353,7 @@ async def _start_shells(
             from .launcher import JobSpec
             from .unitname import unit_name
 
-            _record(db, req, key, "sdexec", unit_name(req.jobid, rank, guest=guest))
+            _record(db, req, key, "sdexec", unit_name(req.jobid, rank, guest=via_imp))
             spec = JobSpec(
                 jobid=req.jobid,
                 argv=list(req.argv),
@@ -347,7 +363,8 @@ async def _start_shells(
                 stdin=stdin if rank == req.rank else DEVNULL,
                 stdout=stdout,
                 stderr=stderr,
-                guest_user=req.owner if guest else None,
+                guest_user=str(req.owner_uid()) if via_imp else None,
+                run_as=str(req.owner_uid()) if guest and not via_imp else None,
                 shell=shell,
                 keep_failed_unit=req.keep_failed_unit,
             )
@@ -412,6 +429,13 @@ async def _start_barrier(cfg: ExecConfig, req: JobRequest, handle: Handle) -> st
             log.error("job %s: %s", req.jobid, handle.error)
             waiting = getattr(e, "waiting", [])
             handle.cancel("cancel")
+            if req.guest():
+                # A guest's shells run as the guest, who can stop them (SIGSTOP, ptrace)
+                # before they arrive: draining would let any user take the node out of
+                # service. Only the instance owner's shells are trusted to say "node fault".
+                log.warning("job %s: guest job's barrier failed: job failed, node not drained",
+                            req.jobid)
+                return
             await _drain(
                 cfg,
                 db,

@@ -363,6 +363,7 @@ def test_to_dict_defaults() -> None:
             "max-connections": 4096,
             "max-connections-per-user": 256,
             "request-timeout": "10s",
+            "guest-credentials": "imp",
         },
     }
 
