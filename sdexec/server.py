@@ -23,6 +23,7 @@ import signal
 import socket
 import stat
 import struct
+import time
 from typing import Any
 
 from .admission import Admission, Limits, fds_needed, raise_fd_limit
@@ -41,6 +42,7 @@ FD_SIZE = array.array("i").itemsize
 LISTEN_BACKLOG = 4096
 ACCEPT_BACKOFF_MIN = 0.01
 ACCEPT_BACKOFF_MAX = 1.0
+REFUSAL_LOG_EVERY = 10.0
 
 
 def _listen_socket(path: str) -> socket.socket:
@@ -95,6 +97,7 @@ class Server:
             exempt=frozenset({0, os.getuid()}),
         )
         self.accept_errors = 0
+        self._refusal_logged = -REFUSAL_LOG_EVERY
 
     async def serve(self, path: str | None = None) -> None:
         loop = asyncio.get_running_loop()
@@ -168,7 +171,9 @@ class Server:
             return
         refusal = self.admission.admit(uid)
         if refusal is not None:
-            if self.admission.refused % 100 == 1:  # one line per 100: refusals can come fast
+            now = time.monotonic()
+            if now - self._refusal_logged >= REFUSAL_LOG_EVERY:  # they can come by thousands
+                self._refusal_logged = now
                 log.warning("%s (uid %d; %d refused so far)", refusal, uid, self.admission.refused)
             try:  # the socket is new and empty: one line fits, a non-blocking send never waits
                 conn.send(_line({"exit": LaunchError.exit_code, "stderr": [f"sdexec: {refusal}"]}))
