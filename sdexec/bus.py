@@ -125,6 +125,9 @@ class Manager:
         self._connected = asyncio.Event()
         self._watch_task: asyncio.Task[None] | None = None
         self.reconnects = 0
+        self.generation = 0
+        """Bumped, as soon as it is known, whenever signals may have been lost: the bus
+        dropped, or systemd re-registered on it (re-exec). A start compares it."""
         self._bg: set[asyncio.Task[None]] = set()
 
     # --- connection -------------------------------------------------------------------------
@@ -199,6 +202,7 @@ class Manager:
             if self._closing:
                 return
             self._connected.clear()
+            self.generation += 1
             log.warning("lost the connection to the bus; reconnecting")
             delay = 0.05
             while not self._closing:
@@ -476,6 +480,7 @@ class Manager:
         ):
             # systemd re-executed (or restarted): it forgot our subscription and we may
             # have missed signals in between.
+            self.generation += 1
             log.info("systemd (re)registered on the bus; re-subscribing and re-reading units")
             task = asyncio.get_running_loop().create_task(self._after_reexec())
             self._bg.add(task)

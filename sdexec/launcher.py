@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DEVNULL", "PIPE", "Job", "JobSpec", "Launcher"]
 
+START_ATTEMPTS = 3
+"""Starts of one unit when systemd lost the earlier ones (re-exec, bus restart)."""
 START_PROPERTIES = us.STATE_PROPERTIES | {"Job"}
 """A starting unit's state, and whether its start job is still queued (``Job`` = (0, "/"))."""
 
@@ -77,6 +79,15 @@ class JobSpec:
     shell: Sequence[str] = ()  # job-shell argv prefix, e.g. ("/usr/libexec/flux/flux-shell",)
     keep_failed_unit: bool = False
     description: str | None = None
+
+
+def _never_ran(props: Mapping[str, Any]) -> bool:
+    """The unit has not run its program and is not failed: a start job systemd dropped."""
+    return (
+        props.get("ActiveState") == "inactive"
+        and not int(props.get("ExecMainPID", 0) or 0)
+        and not int(props.get("ExecMainCode", 0) or 0)
+    )
 
 
 class Job(BaseJob):
@@ -273,6 +284,7 @@ class Launcher:
         self.on_drain = on_drain
         self.on_update = on_update
         self._job_waiters: dict[str, asyncio.Future[str]] = {}
+        self._created: set[str] = set()  # units whose StartTransientUnit went through
         self._exec_start_ex = True
 
     async def __aenter__(self) -> Launcher:
@@ -385,21 +397,42 @@ class Launcher:
             # waiting for EOF on them) before StartTransientUnit even returns.
             job.stdin, job.stdout, job.stderr = await channels.open_streams()
             await self.manager.watch_unit(path, job.on_props, us.STATE_PROPERTIES)
-            await self._start_unit(plan, channels, job)
-            started = True
-            channels.close_remote()
             timeout = self.config.sdexec.start_timeout
-            try:
-                result = await asyncio.wait_for(asyncio.shield(removed), timeout)
-            except TimeoutError:
-                raise LaunchError(
-                    f"job {spec.jobid}: systemd did not start {plan.name} within {timeout:g}s"
-                ) from None
-            if result != "done" or job.state.phase is us.Phase.NEW:
-                # The signals (subscribed before the start) normally told us everything;
-                # read the unit only when they did not. Reading all its ~400 properties for
-                # every job costs systemd a third more work per job.
-                job.on_props(path, await self.manager.get_all(path, keys=us.STATE_PROPERTIES))
+            for attempt in range(1, START_ATTEMPTS + 1):
+                generation = self.manager.generation
+                await self._start_unit(plan, channels, job)
+                started = True
+                try:
+                    result = await asyncio.wait_for(asyncio.shield(removed), timeout)
+                except TimeoutError:
+                    raise LaunchError(
+                        f"job {spec.jobid}: systemd did not start {plan.name} within {timeout:g}s"
+                    ) from None
+                if result != "done" or job.state.phase is us.Phase.NEW:
+                    # The signals (subscribed before the start) normally told us everything;
+                    # read the unit only when they did not. Reading all its ~400 properties
+                    # for every job costs systemd a third more work per job.
+                    job.on_props(path, await self.manager.get_all(path, keys=us.STATE_PROPERTIES))
+                if (
+                    result == "done"
+                    or attempt == START_ATTEMPTS
+                    or self.manager.generation == generation
+                    or not _never_ran(job.state.props)
+                ):
+                    break
+                # A start job queued across a daemon-reexec can fail with nothing run (the
+                # unit inactive, Result=success): systemd lost it, not the job. Once more,
+                # with the same stdio (still ours: close_remote() comes after).
+                log.info(
+                    "%s: start job %s across a systemd re-exec or bus reconnect and nothing "
+                    "ran; starting it again", plan.name, result,
+                )  # fmt: skip
+                removed = self._job_waiters[plan.name] = loop.create_future()
+                self._created.discard(plan.name)
+                job.state = us.UnitState(plan.name)
+                started = False
+                await self.reset_failed(plan.name)
+            channels.close_remote()
             if result != "done":
                 # A program that exits at once can fail the start job of a Type=exec
                 # unit: that is a run, not a failure to start, unless systemd says exec failed.
@@ -416,6 +449,7 @@ class Launcher:
                 raise LaunchError(f"job {spec.jobid}: {'; '.join(problems)}")
         except BaseException:
             self._job_waiters.pop(plan.name, None)
+            self._created.discard(plan.name)
             channels.close()
             if started:
                 await self.stop_unit(job.unit)
@@ -423,6 +457,7 @@ class Launcher:
             await self.forget(job)
             raise
         self._job_waiters.pop(plan.name, None)
+        self._created.discard(plan.name)
         job.publish()
         return job
 
@@ -511,6 +546,7 @@ class Launcher:
                     [plan.name, "fail", props, []],
                     unix_fds=channels.remote,
                 )
+                self._created.add(plan.name)
                 return
             except BusCallError as e:
                 if "UnitExists" in e.name and not reset and not transient:
@@ -541,6 +577,7 @@ class Launcher:
             state = await self.manager.get_all(job.path, keys=START_PROPERTIES)  # waits it out
             if state.get("LoadState") == "loaded":
                 log.info("%s: started after all; following it", plan.name)
+                self._created.add(plan.name)
                 job.on_props(job.path, state)
                 self._settle_start(plan.name, state)
                 return
@@ -550,8 +587,12 @@ class Launcher:
         """Resolve a start that waits for its JobRemoved from the unit's state, when no start
         job is pending any more: a JobRemoved sent while the bus was away is lost for good."""
         fut = self._job_waiters.get(unit)
-        if fut is None or fut.done() or props.get("LoadState") != "loaded":
+        if fut is None or fut.done():
             return
+        if props.get("LoadState") != "loaded":
+            if unit in self._created:  # created, and already collected: the start is over
+                fut.set_result("collected")
+            return  # else not created yet: StartTransientUnit is still on its way
         pending = props.get("Job")
         if isinstance(pending, (list, tuple)) and pending and pending[0]:
             return  # still queued: its JobRemoved comes on the connection we have now

@@ -90,10 +90,12 @@ class Clients:
         return out
 
 
-async def client(argv: list[str], limit: float) -> ClientResult:
+async def client(
+    argv: list[str], limit: float, env: dict[str, str] | None = None
+) -> ClientResult:
     proc = await asyncio.create_subprocess_exec(
         *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env=client_env(),
+        env=env or client_env(),
     )  # fmt: skip
     try:
         out, err = await asyncio.wait_for(proc.communicate(), limit)
@@ -128,11 +130,12 @@ async def run_clients(
     return Clients({k: t.result() for k, t in tasks.items()}, time.monotonic() - t0, faults)
 
 
-def records_of(prefix: str) -> list[str]:
-    """Job records left in the node's state db (and orphan units) for jobs named PREFIX*."""
+def records_of(prefix: str, config: str | None = None) -> list[str]:
+    """Job records left in the state db (the node's, or ``config``'s) and orphan units, for
+    jobs named PREFIX*."""
     p = subprocess.run(
-        [*SDEXEC, "jobs", "--json"], capture_output=True, text=True, timeout=60, check=True,
-        env=client_env(),
+        [*SDEXEC, "jobs", "--json", *(["--config", config] if config else [])],
+        capture_output=True, text=True, timeout=60, check=True, env=client_env(),
     )  # fmt: skip
     return [
         str(j)

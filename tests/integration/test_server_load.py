@@ -12,9 +12,11 @@ import asyncio
 import fcntl
 import json
 import os
+import resource
 import subprocess
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,7 @@ from .faults_helpers import JobCase, staggered, systemctl
 from .load_helpers import (
     SOCKET,
     client,
+    client_env,
     ensure_server,
     fds_of,
     records_of,
@@ -33,6 +36,7 @@ from .load_helpers import (
     units_left,
 )
 
+Config = Callable[..., str]
 IDLE_CLIENTS = Path(__file__).with_name("idle_clients.py")
 GUEST = "guest"  # uid 1500 in the node (containers/Containerfile)
 
@@ -173,7 +177,7 @@ async def _faulted_run(prefix: str, fault_name: str, fault: object, fault_after:
     records, units = records_of(prefix), units_left(prefix)
     _report(
         f"{fault_name} during 50 jobs through the server", faults=res.faults,
-        exact=50 - len(wrong), codes=res.codes(), wall=f"{res.elapsed:.1f}s",
+        exact=50 - len(wrong), got_125=res.codes().get(125, 0), wall=f"{res.elapsed:.1f}s",
         server=f"pid {pid}->{now}", server_fds=f"{fds_before}->{fds_after}",
         records_left=len(records), units_left=len(units),
     )  # fmt: skip
@@ -225,3 +229,51 @@ async def test_server_killed_during_50_jobs() -> None:
 
     await _faulted_run("ld-kill", "systemctl kill -s KILL sdexec.service", fault, 0.2)
 
+
+
+# --- H2/H3 at the limit: a server with few descriptors ---------------------------------------
+
+
+@pytest.mark.slow
+async def test_fd_shortage_is_125_to_retry_never_2(tmp_path: Path, config: Config) -> None:
+    """A server held to 64 descriptors, 100 clients whose jobs hold their connection: accept()
+    hits EMFILE (the loop backs off and goes on) and recvmsg() drops a client's stdio
+    (MSG_CTRUNC: 125 "retry"). Every client runs (0) or gets 125; none 2; the server stays."""
+    sock = tmp_path / "s.sock"
+    cfg = config()
+    log = (tmp_path / "server.log").open("w+")
+    server = await asyncio.create_subprocess_exec(
+        *SDEXEC, "-v", "serve", "--config", cfg, "--socket", str(sock),
+        stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not sock.exists() and time.monotonic() < deadline:  # noqa: ASYNC110 (no event)
+            await asyncio.sleep(0.05)
+        env = {**client_env(), "SDEXEC_SOCKET": str(sock)}
+        n = 100
+        argvs = [[*SDEXEC, "run", "--job", f"ld-fd-{i}", "--", "sleep", "3"] for i in range(n)]
+        t0 = time.monotonic()
+        results = await asyncio.gather(*(client(a, limit=300, env=env) for a in argvs))
+        elapsed = time.monotonic() - t0
+        after = await client([*SDEXEC, "run", "--", "true"], limit=60, env=env)
+        alive = server.returncode is None
+    finally:
+        server.terminate()
+        await server.wait()
+    log.seek(0)
+    text = log.read()
+    codes = Counter(r.rc for r in results)
+    shortage = sum("short of file descriptors" in r.err for r in results)
+    accept_errors = text.count("accept: [Errno 24]")
+    _report(
+        "server at 64 fds, 100 clients", codes=dict(codes), ctrunc_125=shortage,
+        accept_emfile_log_lines=accept_errors, wall=f"{elapsed:.1f}s",
+    )  # fmt: skip
+    assert alive and after.rc == 0, (after, text[-2000:])
+    assert set(codes) <= {0, 125}, [r for r in results if r.rc not in (0, 125)][:5]
+    assert all("retry" in r.err for r in results if r.rc == 125), results
+    assert accept_errors + shortage > 0, "the limit was never reached: the test proves nothing"
+    assert "Traceback" not in text, text[-3000:]
+    assert records_of("ld-fd", cfg) == [] and units_left("ld-fd") == []
