@@ -57,7 +57,7 @@ class ServerUnreachable(Exception):
     """A server is there but cannot take us (queue full for too long, not ours to use): 125."""
 
 
-def _connect(path: str, patience: float = CONNECT_PATIENCE) -> socket.socket | None:
+def _connect(path: str, patience: float | None = None) -> socket.socket | None:
     """A connection to the server, or None when there is none (the caller runs in-process).
 
     Only "no server" (no socket, nobody listening) falls back to in-process: a server whose
@@ -66,6 +66,7 @@ def _connect(path: str, patience: float = CONNECT_PATIENCE) -> socket.socket | N
     busy server's back would double the load it cannot take, and a non-root user cannot
     run in-process at all.
     """
+    patience = CONNECT_PATIENCE if patience is None else patience
     deadline = time.monotonic() + patience
     delay = 0.005
     while True:
@@ -82,12 +83,13 @@ def _connect(path: str, patience: float = CONNECT_PATIENCE) -> socket.socket | N
                 raise ServerUnreachable(
                     f"cannot reach the sdexec server at {path}: {e.strerror}"
                 ) from None
-            if time.monotonic() + delay > deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 raise ServerUnreachable(
                     f"the sdexec server at {path} is busy (its listen queue stayed full for "
                     f"{patience:g}s); retry later"
                 ) from None
-            time.sleep(delay)
+            time.sleep(min(delay, remaining))
             delay = min(delay * 2, 0.5)
             continue
         sock.setblocking(True)
