@@ -163,7 +163,7 @@ async def test_stdio_dropped_by_the_kernel_is_a_shortage_not_a_usage_error(
     with ours, theirs:
         socket.send_fds(theirs, [b'{"op": "run"}\n'], [0, 1, 2])
         ours.setblocking(False)
-        with fd_table_full(), pytest.raises(LaunchError, match="short of file descriptors.*retry"):
+        with fd_table_full(), pytest.raises(LaunchError, match=r"short of file descriptors.*retry"):
             await server._receive(ours)
 
 
@@ -189,8 +189,7 @@ async def test_over_the_cap_is_refused_at_accept_with_busy(server: Server) -> No
         assert server.admission.total == 2
         for _ours, theirs in pairs[:2]:  # the admitted ones time out (0.2 s) and are released
             assert "request-timeout" in str((await _reply(theirs))["stderr"])
-        while server._tasks:
-            await asyncio.sleep(0.01)
+        await asyncio.gather(*server._tasks)
         assert server.admission.total == 0
     finally:
         for ours, theirs in pairs:

@@ -47,7 +47,7 @@ def test_a_full_queue_is_waited_out_then_busy(tmp_path: Path) -> None:
     listener, queued = _full_listener(path)
     try:
         t0 = time.monotonic()
-        with pytest.raises(ServerUnreachable, match="busy .*listen queue.*retry later"):
+        with pytest.raises(ServerUnreachable, match=r"busy .*listen queue.*retry later"):
             _connect(path, patience=0.3)
         assert time.monotonic() - t0 >= 0.3
     finally:

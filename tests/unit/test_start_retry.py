@@ -36,6 +36,8 @@ class ScriptedManager:
         self.calls: list[str] = []
         self.generation = 0
         self.launcher: Launcher | None = None
+        self.start_sent = asyncio.Event()
+        self.state_read = asyncio.Event()
 
     async def watch_unit(self, path: str, handler: Any, keys: Any = None) -> None:
         pass
@@ -48,6 +50,7 @@ class ScriptedManager:
         if member != "StartTransientUnit":
             return "/job/stop"
         self.sent.append(list(kw["unix_fds"]))
+        self.start_sent.set()
         outcome = self.starts.pop(0)
         if isinstance(outcome, BaseException):
             raise outcome
@@ -65,6 +68,7 @@ class ScriptedManager:
 
     async def get_all(self, path: str, interface: str = "", keys: Any = None) -> dict[str, Any]:
         self.calls.append("GetAll")
+        self.state_read.set()
         return dict(self.states.pop(0) if len(self.states) > 1 else self.states[0])
 
     async def get_some(self, path: str, names: Sequence[str]) -> dict[str, Any]:
@@ -102,10 +106,9 @@ async def test_no_reply_with_the_start_job_still_queued_waits_for_its_jobremoved
     m = ScriptedManager([NO_REPLY], [QUEUED, RUNNING])
     launcher = _launcher(m)
     task = asyncio.ensure_future(launcher.start(_spec("r3")))
-    while "GetAll" not in m.calls:
-        await asyncio.sleep(0)
-    await asyncio.sleep(0.05)
-    assert not task.done()  # queued: JobRemoved will come on the live connection
+    await m.state_read.wait()
+    done, _ = await asyncio.wait({task}, timeout=0.05)
+    assert not done  # queued: its JobRemoved will come on the live connection
     launcher._on_job_removed("/job/7", "shell-0-r3.service", "done")
     assert (await task).pid == 4242
 
@@ -114,8 +117,7 @@ async def test_jobremoved_lost_in_a_reconnect_is_settled_by_the_resync() -> None
     m = ScriptedManager([None], [RUNNING])  # the start went through; its JobRemoved did not
     launcher = _launcher(m)
     task = asyncio.ensure_future(launcher.start(_spec("r4")))
-    while m.calls.count("StartTransientUnit") < 1:
-        await asyncio.sleep(0)
+    await m.start_sent.wait()
     await asyncio.sleep(0)
     await launcher.resync()  # what the bus's reconnect handler calls
     assert (await asyncio.wait_for(task, 1)).pid == 4242
@@ -125,8 +127,7 @@ async def test_a_start_job_systemd_dropped_across_a_reexec_is_started_again() ->
     m = ScriptedManager([None, "done"], [DROPPED, RUNNING])
     launcher = _launcher(m)
     task = asyncio.ensure_future(launcher.start(_spec("r5")))
-    while m.calls.count("StartTransientUnit") < 1:
-        await asyncio.sleep(0)
+    await m.start_sent.wait()
     m.generation += 1  # systemd re-registered on the bus
     launcher._on_job_removed("/job/1", "shell-0-r5.service", "failed")
     assert (await asyncio.wait_for(task, 1)).pid == 4242
@@ -145,8 +146,7 @@ async def test_a_unit_collected_before_the_resync_settles_the_start() -> None:
     m = ScriptedManager([None], [NOT_FOUND])
     launcher = _launcher(m)
     task = asyncio.ensure_future(launcher.start(_spec("r7")))
-    while m.calls.count("StartTransientUnit") < 1:
-        await asyncio.sleep(0)
+    await m.start_sent.wait()
     await asyncio.sleep(0)
     await launcher.resync()
     with pytest.raises(LaunchError, match="could not be started: start job collected"):
