@@ -418,7 +418,9 @@ async def _start_shells(
                 db_remove(db, req.jobid, rank)
                 raise
         handle.jobs.append(job)
-        handle.cleanup.append(lambda rank=rank: _finish_record(handle, db, req.jobid, rank))
+        handle.cleanup.append(
+            lambda job=job, rank=rank: _finish_record(handle, db, job, req.jobid, rank)
+        )
 
 
 async def _start_barrier(cfg: ExecConfig, req: JobRequest, handle: Handle) -> str:
@@ -484,17 +486,23 @@ async def _start_barrier(cfg: ExecConfig, req: JobRequest, handle: Handle) -> st
 def db_remove(db: StateDB, jobid: str, rank: int) -> None:
     try:
         db.remove_job(jobid, rank)
-    except Exception:  # the db may be closed already, or the disk full (retried later)
-        log.warning("removing the record of job %s rank %d failed", jobid, rank, exc_info=True)
+    except Exception as e:  # the db may be closed already, or the disk full (retried later)
+        log.warning("removing the record of job %s rank %d failed: %s", jobid, rank, e)
 
 
-def _finish_record(handle: Handle, db: StateDB, jobid: str, rank: int) -> None:
+def _finish_record(handle: Handle, db: StateDB, job: BaseJob, jobid: str, rank: int) -> None:
     """A finished shell's record goes, unless nobody took its status (``keep_records``: the
     client of a server went away; ``sdexec attach`` collects it later); an abandoned one
-    (post-mortem) or a running one (its launcher is going away: re-attach needs it) stays."""
-    rec = db.get_job(jobid, rank)
-    if rec is not None and rec.state == "finished" and not handle.keep_records:
-        db_remove(db, jobid, rank)
+    (post-mortem) or a running one (its launcher is going away: re-attach needs it) stays.
+
+    The job itself says which, not the record: a record whose last update failed (a full
+    disk) must not outlive a job that ended."""
+    if job.running or job.result == "abandoned":
+        return
+    if handle.keep_records:
+        job.publish()  # once more, in case the last update did not get through
+        return
+    db_remove(db, jobid, rank)
 
 
 class SimulatedJob(BaseJob):
@@ -561,7 +569,7 @@ async def _start_testexec(cfg: ExecConfig, req: JobRequest, handle: Handle) -> N
     )
     job.spawn(job.run(spec, req.time_limit))
     handle.jobs.append(job)
-    handle.cleanup.append(lambda: _finish_record(handle, db, req.jobid, req.rank))
+    handle.cleanup.append(lambda: _finish_record(handle, db, job, req.jobid, req.rank))
 
 
 async def sweep_abandoned(cfg: ExecConfig, db: StateDB, *, user_manager: bool = False) -> list[str]:
@@ -691,11 +699,11 @@ async def attach_job(
         live = [r for r in recs if r.live]
         for rec in recs:
             if not rec.live:
-                handle.jobs.append(RecordedJob(rec))
-                if rec.state == "finished":
-                    handle.cleanup.append(
-                        lambda r=rec: _finish_record(handle, db, r.jobid, r.rank)
-                    )
+                recorded = RecordedJob(rec)
+                handle.jobs.append(recorded)
+                handle.cleanup.append(
+                    lambda j=recorded, r=rec: _finish_record(handle, db, j, r.jobid, r.rank)
+                )
         if live and launcher is None:
             launcher = Launcher(cfg, user=user_manager)
             await launcher.connect()
@@ -715,7 +723,9 @@ async def attach_job(
                 job.error = f"job {jobid} was not started (its launcher stopped before the unit)"
             log.info("attached to %s (%s)", rec.unit, job.state.active_state or "gone")
             handle.jobs.append(job)
-            handle.cleanup.append(lambda r=rec: _finish_record(handle, db, r.jobid, r.rank))
+            handle.cleanup.append(
+                lambda j=job, r=rec: _finish_record(handle, db, j, r.jobid, r.rank)
+            )
     except BaseException:
         await handle.close()
         raise

@@ -357,10 +357,13 @@ class StateDB:
         ).fetchone()
         return None if row is None else self._row_to_job(row)
 
-    def _flush_removals(self, c: sqlite3.Connection) -> None:
-        for jobid, rank in list(self._pending_removals):
+    def _flush_removals(self, c: sqlite3.Connection) -> set[Key]:
+        """Do the pending removals in this transaction; the caller forgets them (``done``)
+        only once it committed: a failed commit must not lose them."""
+        flushed = set(self._pending_removals)
+        for jobid, rank in flushed:
             c.execute("DELETE FROM jobs WHERE jobid = ? AND rank = ?", (jobid, rank))
-        self._pending_removals.clear()
+        return flushed
 
     def add_job(self, rec: JobRecord) -> None:
         """Record a shell; refuse if it is already running here, or if the job id is another
@@ -374,7 +377,7 @@ class StateDB:
         values = [self._encode(name, getattr(rec, name)) for name in _JOB_COLUMNS]
         key = (rec.jobid, rec.rank)
         with self._write() as c:
-            self._flush_removals(c)
+            flushed = self._flush_removals(c)
             others = c.execute(
                 "SELECT DISTINCT owner_uid FROM jobs WHERE jobid = ? AND owner_uid != ?",
                 (rec.jobid, rec.owner_uid),
@@ -404,6 +407,7 @@ class StateDB:
                 f"VALUES ({', '.join('?' * len(_JOB_COLUMNS))})",
                 values,
             )
+        self._pending_removals -= flushed
         self._mine.add(key)
 
     def update_job(self, jobid: str, rank: int, **fields: object) -> None:
@@ -457,11 +461,12 @@ class StateDB:
         self._mine.discard((jobid, rank))
         try:
             with self._write() as c:
-                self._flush_removals(c)
+                flushed = self._flush_removals(c)
                 c.execute("DELETE FROM jobs WHERE jobid = ? AND rank = ?", (jobid, rank))
         except LaunchError:
             self._pending_removals.add((jobid, rank))
             raise
+        self._pending_removals -= flushed | {(jobid, rank)}
 
     # --- drain ----------------------------------------------------------------------------
 
