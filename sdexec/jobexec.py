@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from .channel import DEVNULL, PIPE
-from .config import ExecConfig
+from .config import SERVICES, ExecConfig
 from .errors import LaunchError, RefusedError, SdexecError, UsageError
 from .job import BaseJob, Who
 from .show import show_value
+from .testexec import PREFIX as TEST_PREFIX
 
 if TYPE_CHECKING:
     from .job import UpdateHook
@@ -34,9 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SERVICES = ("sdexec", "rexec")
 SERVICE_ATTR = "system.exec.bulkexec.service"
-TEST_PREFIX = "system.exec.test"
 
 
 @dataclass
