@@ -253,7 +253,10 @@ class Server:
         }
         for jobid in sorted(orphans):
             try:
-                await self.adopt(jobid)
+                handle, _task = await self.adopt(jobid)
+                # its client may be on its way back (the previous server was killed): the
+                # status waits for its attach, as for a client that went away
+                handle.keep_records = True
             except SdexecError as e:
                 log.warning("could not re-attach to job %s: %s", jobid, e)
 
@@ -409,6 +412,10 @@ class Server:
             return outcome(handle, rc, json_out=json_out)
         handle, task = await self.adopt(jobid)
         rc = await asyncio.shield(task)
+        if handle.keep_records:  # kept for an attacher: this is the one
+            for r in db.list_jobs(jobid=jobid):
+                if r.state == "finished":
+                    db_remove(db, r.jobid, r.rank)
         return outcome(handle, rc, json_out=json_out)
 
     def _parse(self, argv: Any) -> Any:
