@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DEVNULL", "PIPE", "Job", "JobSpec", "Launcher"]
 
+COLLECT_WAITS = 50
+"""Tenths of a second to wait for systemd to collect the dead unit of a dropped start."""
 START_ATTEMPTS = 3
 """Starts of one unit when systemd lost the earlier ones (re-exec, bus restart)."""
 START_PROPERTIES = us.STATE_PROPERTIES | {"Job"}
@@ -79,6 +81,11 @@ class JobSpec:
     shell: Sequence[str] = ()  # job-shell argv prefix, e.g. ("/usr/libexec/flux/flux-shell",)
     keep_failed_unit: bool = False
     description: str | None = None
+
+
+def _start_pending(props: Mapping[str, Any]) -> bool:
+    pending = props.get("Job")
+    return isinstance(pending, (list, tuple)) and bool(pending) and bool(pending[0])
 
 
 def _never_ran(props: Mapping[str, Any]) -> bool:
@@ -415,7 +422,7 @@ class Launcher:
             timeout = self.config.sdexec.start_timeout
             for attempt in range(1, START_ATTEMPTS + 1):
                 generation = self.manager.generation
-                await self._start_unit(plan, channels, job)
+                await self._start_unit(plan, channels, job, again=attempt > 1)
                 started = True
                 try:
                     result = await asyncio.wait_for(asyncio.shield(removed), timeout)
@@ -541,16 +548,19 @@ class Launcher:
         job.publish()
         return job
 
-    async def _start_unit(self, plan: UnitPlan, channels: Channels, job: Job) -> None:
+    async def _start_unit(
+        self, plan: UnitPlan, channels: Channels, job: Job, *, again: bool = False
+    ) -> None:
         """StartTransientUnit, sent again when it failed for want of systemd or the bus.
 
         A ``daemon-reexec`` answers calls in flight with NoReply, a bus restart drops them:
         the start may or may not have happened. Once systemd answers again, a unit of our
         name that exists is ours (the job's record reserves the name), so it is tracked from
         its state; otherwise the start is sent again, with the same stdio (``channels``
-        keeps its copies until ``close_remote()``).
+        keeps its copies until ``close_remote()``). ``again``: an earlier start of this unit
+        was dropped by systemd (start() saw it fail with nothing run).
         """
-        reset = transient = 0
+        reset = transient = waits = 0
         deadline = asyncio.get_running_loop().time() + RETRY_FOR
         while True:
             props = [[k, Variant(sig, v)] for k, (sig, v) in properties(plan)]
@@ -564,12 +574,29 @@ class Launcher:
                 self._created.add(plan.name)
                 return
             except BusCallError as e:
-                if "UnitExists" in e.name and not reset and not transient:
+                if "UnitExists" in e.name and not (reset or transient or again):
                     # a failed unit of an earlier run with this id: reset once, then retry
                     log.info("%s exists; resetting it and retrying once", plan.name)
                     reset += 1
                     await self.reset_failed(plan.name)
                     continue
+                if "UnitExists" in e.name and (transient or again):
+                    # we may have made it: a start that went through after all (ours: follow
+                    # it), or the dead unit of a start systemd dropped, not collected yet
+                    state = await self.manager.get_all(job.path, keys=START_PROPERTIES)
+                    if state.get("LoadState") == "loaded" and (
+                        _start_pending(state) or not _never_ran(state)
+                    ):
+                        log.info("%s: started after all; following it", plan.name)
+                        job.on_props(job.path, state)
+                        self._created.add(plan.name)
+                        self._settle_start(plan.name, state)
+                        return
+                    if waits < COLLECT_WAITS:
+                        waits += 1
+                        await self.reset_failed(plan.name)
+                        await asyncio.sleep(0.1)  # systemd collects it: no signal we match
+                        continue
                 if "UnitExists" in e.name:
                     raise RefusedError(
                         f"job {job.jobid}: unit {plan.name} already exists and is not failed: "
@@ -608,8 +635,7 @@ class Launcher:
             if unit in self._created:  # created, and already collected: the start is over
                 fut.set_result("collected")
             return  # else not created yet: StartTransientUnit is still on its way
-        pending = props.get("Job")
-        if isinstance(pending, (list, tuple)) and pending and pending[0]:
+        if _start_pending(props):
             return  # still queued: its JobRemoved comes on the connection we have now
         active = props.get("ActiveState")
         # "done" as systemd would have said; anything else makes start() check whether the

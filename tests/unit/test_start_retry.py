@@ -151,3 +151,30 @@ async def test_a_unit_collected_before_the_resync_settles_the_start() -> None:
     await launcher.resync()
     with pytest.raises(LaunchError, match="could not be started: start job collected"):
         await asyncio.wait_for(task, 1)
+
+
+async def test_the_dead_unit_of_a_dropped_start_is_waited_away_then_started_again() -> None:
+    exists = BusCallError("StartTransientUnit", "org.freedesktop.systemd1.UnitExists", "exists")
+    m = ScriptedManager([None, exists, "done"], [DROPPED, DROPPED, RUNNING])
+    launcher = _launcher(m)
+    task = asyncio.ensure_future(launcher.start(_spec("r8")))
+    await m.start_sent.wait()
+    m.generation += 1
+    launcher._on_job_removed("/job/1", "shell-0-r8.service", "failed")
+    assert (await asyncio.wait_for(task, 5)).pid == 4242
+    assert m.calls.count("StartTransientUnit") == 3
+
+
+async def test_unit_exists_on_a_resend_after_no_reply_is_our_start_followed() -> None:
+    exists = BusCallError("StartTransientUnit", "org.freedesktop.systemd1.UnitExists", "exists")
+    m = ScriptedManager([NO_REPLY, exists], [NOT_FOUND, RUNNING])
+    job = await _launcher(m).start(_spec("r9"))
+    assert job.pid == 4242
+    assert m.calls.count("StartTransientUnit") == 2
+
+
+async def test_unit_exists_on_a_first_start_is_still_refused() -> None:
+    exists = BusCallError("StartTransientUnit", "org.freedesktop.systemd1.UnitExists", "exists")
+    m = ScriptedManager([exists, exists], [RUNNING])
+    with pytest.raises(LaunchError, match="already exists and is not failed"):
+        await _launcher(m).start(_spec("r10"))
