@@ -292,6 +292,8 @@ class Launcher:
         self.on_update = on_update
         self._job_waiters: dict[str, asyncio.Future[str]] = {}
         self._created: set[str] = set()  # units whose StartTransientUnit went through
+        self._start_jobs: dict[str, str] = {}  # unit -> its start job (while start() waits)
+        self._stale_jobs: set[str] = set()  # start jobs of attempts given up: JobRemoved ignored
         self._exec_start_ex = True
 
     async def __aenter__(self) -> Launcher:
@@ -451,6 +453,9 @@ class Launcher:
                 )  # fmt: skip
                 removed = self._job_waiters[plan.name] = loop.create_future()
                 self._created.discard(plan.name)
+                stale = self._start_jobs.pop(plan.name, None)
+                if stale is not None:
+                    self._stale_jobs.add(stale)
                 job.state = us.UnitState(plan.name)
                 started = False
                 await self.reset_failed(plan.name)
@@ -472,14 +477,17 @@ class Launcher:
         except BaseException:
             self._job_waiters.pop(plan.name, None)
             self._created.discard(plan.name)
+            self._start_jobs.pop(plan.name, None)
             channels.close()
             if started:
-                await self.stop_unit(job.unit)
+                # "replace": a start job still queued is cancelled, not left to run untracked
+                await self.stop_unit(job.unit, mode="replace")
                 await self.reset_failed(plan.name)
             await self.forget(job)
             raise
         self._job_waiters.pop(plan.name, None)
         self._created.discard(plan.name)
+        self._start_jobs.pop(plan.name, None)
         job.publish()
         return job
 
@@ -565,12 +573,13 @@ class Launcher:
         while True:
             props = [[k, Variant(sig, v)] for k, (sig, v) in properties(plan)]
             try:
-                await self.manager.job_call(
+                start_job = await self.manager.job_call(
                     "StartTransientUnit",
                     "ssa(sv)a(sa(sv))",
                     [plan.name, "fail", props, []],
                     unix_fds=channels.remote,
                 )
+                self._start_jobs[plan.name] = start_job
                 self._created.add(plan.name)
                 return
             except BusCallError as e:
@@ -631,6 +640,10 @@ class Launcher:
         fut = self._job_waiters.get(unit)
         if fut is None or fut.done():
             return
+        pending = props.get("Job")
+        if _start_pending(props) and unit not in self._start_jobs:
+            assert isinstance(pending, (list, tuple))
+            self._start_jobs[unit] = str(pending[1])  # followed, not sent: its job is that one
         if props.get("LoadState") != "loaded":
             if unit in self._created:  # created, and already collected: the start is over
                 fut.set_result("collected")
@@ -657,17 +670,26 @@ class Launcher:
                 f" (Result={props.get('Result', '?')})"
             )
 
-    def _on_job_removed(self, _job: str, unit: str, result: str) -> None:
+    def _on_job_removed(self, job: str, unit: str, result: str) -> None:
         fut = self._job_waiters.get(unit)
-        if fut is not None and not fut.done():
-            fut.set_result(result)
+        if fut is None or fut.done():
+            return
+        if job in self._stale_jobs:
+            self._stale_jobs.discard(job)
+            log.debug("%s: JobRemoved of an earlier start job %s (%s) ignored", unit, job, result)
+            return
+        if self._start_jobs.get(unit, job) != job:
+            # a start job of an earlier attempt at this unit, late: not this start's end
+            log.debug("%s: JobRemoved of an earlier start job %s (%s) ignored", unit, job, result)
+            return
+        fut.set_result(result)
 
     # --- teardown ---------------------------------------------------------------------------
 
-    async def stop_unit(self, unit: str) -> bool:
+    async def stop_unit(self, unit: str, mode: str = "fail") -> bool:
         """StopUnit; False when it did not get through (then a later re-read retries)."""
         try:
-            await self.manager.job_call("StopUnit", "ss", [unit, "fail"], retry=True)
+            await self.manager.job_call("StopUnit", "ss", [unit, mode], retry=True)
         except BusCallError as e:
             if "NoSuchUnit" not in e.name:
                 log.warning("%s: StopUnit: %s", unit, e)

@@ -101,7 +101,10 @@ async def client(
         out, err = await asyncio.wait_for(proc.communicate(), limit)
     except TimeoutError:
         proc.kill()
-        out, err = await proc.communicate()
+        try:  # a unit left running may still hold the client's stdout: bounded too
+            out, err = await asyncio.wait_for(proc.communicate(), 10)
+        except TimeoutError:
+            out, err = b"", b"(killed; its stdout stayed open: held by a unit?)"
         return ClientResult(None, out, err.decode(errors="replace"))
     return ClientResult(proc.returncode, out, err.decode(errors="replace"))
 

@@ -54,13 +54,12 @@ class ScriptedManager:
         outcome = self.starts.pop(0)
         if isinstance(outcome, BaseException):
             raise outcome
+        path = f"/job/{len(self.sent)}"
         if outcome is not None:
             assert self.launcher is not None
             unit = body[0]
-            asyncio.get_running_loop().call_soon(
-                self.launcher._on_job_removed, "/job/1", unit, outcome
-            )
-        return "/job/1"
+            asyncio.get_running_loop().call_soon(self.launcher._on_job_removed, path, unit, outcome)
+        return path
 
     async def call(self, member: str, *args: Any, **kw: Any) -> list[Any]:
         self.calls.append(member)
@@ -178,3 +177,19 @@ async def test_unit_exists_on_a_first_start_is_still_refused() -> None:
     m = ScriptedManager([exists, exists], [RUNNING])
     with pytest.raises(LaunchError, match="already exists and is not failed"):
         await _launcher(m).start(_spec("r10"))
+
+
+async def test_a_late_jobremoved_of_a_dropped_start_does_not_end_the_next_one() -> None:
+    m = ScriptedManager([None, None], [DROPPED, DROPPED, RUNNING])
+    launcher = _launcher(m)
+    task = asyncio.ensure_future(launcher.start(_spec("r11")))
+    await m.start_sent.wait()
+    m.start_sent.clear()
+    m.generation += 1
+    await launcher.resync()  # settles the first attempt from the state (dropped): again
+    await asyncio.wait_for(m.start_sent.wait(), 5)
+    launcher._on_job_removed("/job/1", "shell-0-r11.service", "failed")  # late, the first's
+    done, _ = await asyncio.wait({task}, timeout=0.05)
+    assert not done, "the first attempt's JobRemoved ended the second"
+    launcher._on_job_removed("/job/2", "shell-0-r11.service", "done")
+    assert (await asyncio.wait_for(task, 1)).pid == 4242
