@@ -140,17 +140,27 @@ def stop_timeout_usec(stop_timer_sec: float, *, via_imp: bool) -> int:
     return INFINITY_USEC if usec >= INFINITY_USEC else int(usec)  # also for inf
 
 
+def _comparable(value: Any) -> Any:
+    """Structs come back from the bus as tuples, were sent as lists; bytes as int lists."""
+    if isinstance(value, bytes | bytearray):
+        return list(value)
+    if isinstance(value, list | tuple):
+        return [_comparable(v) for v in value]
+    return value
+
+
 def verify_applied(wanted: Sequence[tuple[str, str, Any]], actual: Mapping[str, Any]) -> list[str]:
     """Properties systemd silently did not apply (Flux #7292): (name, wanted, actual) lines."""
     problems = []
     for name, _sig, value in wanted:
         if name not in actual:
             continue  # not readable back on this systemd: nothing to compare
-        got = actual[name]
-        want = value
-        if isinstance(value, bytes | bytearray):
-            want = list(value)
-            got = list(got) if isinstance(got, bytes | bytearray | list) else got
+        got = _comparable(actual[name])
+        want = _comparable(value)
+        if isinstance(value, bytes | bytearray) and isinstance(got, list):
+            # a CPU set comes back padded to whole machine words: trailing zero bytes
+            while len(got) > len(want) and got[-1] == 0:
+                got.pop()
         if got != want:
             problems.append(f"{name}={want!r} was not applied (systemd reports {got!r})")
     return problems
