@@ -400,6 +400,7 @@ async def _start_barrier(cfg: ExecConfig, req: JobRequest, handle: Handle) -> st
         cfg.barrier_timeout,
         MonotonicClock(),
         owner_uid=req.owner_uid() if req.guest() else None,
+        first_rank=req.rank,  # the shells report RANK..RANK+N-1
     )
     await server.start()
 

@@ -58,6 +58,7 @@ PROTECTED_PROPERTIES = frozenset(
         "Description",
         "Slice",
         "CollectMode",
+        "IgnoreSIGPIPE",
     }
 )
 _PROTECTED_PREFIXES = ("Standard",)  # StandardInput, StandardOutputFileDescriptor, ...

@@ -114,6 +114,9 @@ def properties(plan: UnitPlan) -> list[tuple[str, tuple[str, Any]]]:
         ("Type", ("s", plan.type)),
         ("KillMode", ("s", plan.kill_mode)),
         ("TimeoutStopUSec", ("t", plan.timeout_stop_usec)),
+        # systemd ignores SIGPIPE in services by default: a job would see `yes | head` end
+        # with "Broken pipe" (exit 1) instead of dying of SIGPIPE (141) as in a shell
+        ("IgnoreSIGPIPE", ("b", False)),
     ]
     if plan.slice:
         props.append(("Slice", ("s", plan.slice)))
