@@ -104,3 +104,26 @@ def test_rank_offset_true_through_the_server() -> None:
         capture_output=True, text=True, timeout=120, env=_server_env(), check=False,
     )  # fmt: skip
     assert p.returncode == 0, p.stderr
+
+
+@pytest.mark.parametrize("attr", ["override=1", "reattach_finish=1"])
+def test_testexec_override_is_refused_not_hung(config: Config, attr: str) -> None:
+    """Nothing could start an override job: it hung forever (issue 10); now exit 2, one line."""
+    cfg = config()
+    p = run_sdexec(
+        "run", "--config", cfg, "--job", "ovr1", "--setattr", f"system.exec.test.{attr}",
+        "--", "true", timeout=60,
+    )  # fmt: skip
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.startswith(f"sdexec: system.exec.test.{attr.partition('=')[0]}: not supported")
+    assert len(p.stderr.splitlines()) == 1, p.stderr
+    assert "ovr1" not in run_sdexec("jobs", "--config", cfg).stdout
+
+
+def test_testexec_override_is_refused_through_the_server() -> None:
+    p = subprocess.run(
+        [*SDEXEC, "run", "--setattr", "system.exec.test.override=1", "--", "true"],
+        capture_output=True, text=True, timeout=60, env=_server_env(), check=False,
+    )  # fmt: skip
+    assert p.returncode == 2, p.stderr
+    assert "system.exec.test.override: not supported" in p.stderr
