@@ -1,7 +1,7 @@
 """What goes into ``StartTransientUnit``: pure, so every property is checked without a bus.
 
-The choices here are the reference's (``../shared/notes/flux-behaviour.md``, "The unit") with
-the lessons of the container notes: ``ExecStartEx`` with ``no-env-expand`` so a ``$`` in an
+The choices here are the reference's (``docs/design-notes.md``, "The unit") with the lessons
+of the test node (``docs/test-node.md``): ``ExecStartEx`` with ``no-env-expand`` so a ``$`` in an
 argument reaches the program literally, and a systemd stop timeout longer than our own stop
 timer so that ours decides and systemd's is only the backstop.
 """
