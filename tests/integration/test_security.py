@@ -684,3 +684,16 @@ def test_killed_server_gives_every_client_its_status() -> None:
     _out, err = proc.communicate(timeout=90)
     assert proc.returncode == 9, err
     assert "Traceback" not in err
+
+
+def test_protocol_checks_still_hold() -> None:
+    """What held up stays held: no fds, a request over 4 MiB, bytes that are not UTF-8."""
+    as_root("run", "--", "true")
+    pid = _server_pid()
+    answer = reply(raw(run_request(["--", "true"]), fds=False))
+    assert answer["exit"] == 2 and "stdin, stdout and stderr" in str(answer["stderr"]), answer
+    answer = reply(raw(b'{"op": "run", "argv": ["' + b"x" * (5 << 20) + b'"]}\n'))
+    assert answer["exit"] == 2 and "too large" in str(answer["stderr"]), answer
+    answer = reply(raw(b'{"op": "run", "argv": ["\xff\xfe"], "env": {}, "cwd": "/"}\n'))
+    assert answer["exit"] == 2, answer
+    assert_server_alive(pid)
