@@ -30,7 +30,7 @@ from .cgroup import cgroup_pids, kill_cgroup, unit_cgroup_dir
 from .channel import DEVNULL, PIPE, Channels
 from .clock import Clock, MonotonicClock
 from .config import ExecConfig
-from .errors import CommandNotExecutable, LaunchError, RefusedError, UsageError
+from .errors import CommandNotExecutable, LaunchError, RefusedError, SdexecError, UsageError
 from .job import BaseJob, DrainHook, UpdateHook, Who
 from .start import (
     DEFAULT_PATH,
@@ -270,6 +270,16 @@ class Job(BaseJob):
             kill_cgroup(directory)
             await asyncio.sleep(0.1)
         return True
+
+
+def _refuse_unmarshallable(plan: UnitPlan) -> None:
+    """Raise a one-line error naming the first property D-Bus cannot carry, if there is one."""
+    from .properties import dbus_problem
+
+    for name, (sig, value) in properties(plan):
+        problem = dbus_problem(name, sig, value)
+        if problem is not None:
+            raise UsageError(f"unit property {name}: {problem}")
 
 
 class Launcher:
@@ -571,8 +581,8 @@ class Launcher:
         reset = transient = waits = 0
         deadline = asyncio.get_running_loop().time() + RETRY_FOR
         while True:
-            props = [[k, Variant(sig, v)] for k, (sig, v) in properties(plan)]
             try:
+                props = [[k, Variant(sig, v)] for k, (sig, v) in properties(plan)]
                 start_job = await self.manager.job_call(
                     "StartTransientUnit",
                     "ssa(sv)a(sa(sv))",
@@ -621,6 +631,13 @@ class Launcher:
                 failure: LaunchError = e
             except LaunchError as e:  # the connection dropped under the call
                 failure = e
+            except SdexecError:
+                raise
+            except Exception:
+                # dbus-fast checks values only as it marshals the call: what it refuses
+                # would surface as its own exception (a traceback); name the property.
+                _refuse_unmarshallable(plan)
+                raise
             transient += 1
             if asyncio.get_running_loop().time() > deadline:
                 raise failure

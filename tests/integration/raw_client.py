@@ -34,7 +34,10 @@ def main() -> int:
             first, rest = data[:65536], data[65536:]
             socket.send_fds(sock, [first], devnull)
             if rest:
-                sock.sendall(rest)
+                try:
+                    sock.sendall(rest)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the server answered (and closed) before reading it all: read on
         buf = b""
         while True:
             try:

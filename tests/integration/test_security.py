@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import SDEXEC, start_until_ready
+from .conftest import SDEXEC, main_pid, start_until_ready
 
 SOCKET = "/run/sdexec/sdexec.sock"
 DROPIN = Path("/etc/sdexec/conf.d/90-test.toml")
@@ -35,13 +35,7 @@ ServerConf = Callable[[str], None]
 
 
 def _server_pid() -> int:
-    out = subprocess.run(
-        ["systemctl", "show", "-P", "MainPID", "sdexec.service"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return int(out.stdout.strip() or 0)
+    return main_pid("sdexec.service")
 
 
 def _restart_server() -> None:
@@ -256,12 +250,7 @@ def test_the_imps_environment_is_fixed(server_conf: ServerConf) -> None:
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline() == "ready\n"
-        pid = subprocess.run(
-            ["systemctl", "show", "-P", "MainPID", "imp-shell-0-sec2.service"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        pid = main_pid("imp-shell-0-sec2.service")
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         names = {e.partition(b"=")[0] for e in environ if e}
         assert b"LD_PRELOAD" not in names and b"GUEST_MARK" not in names, names
@@ -684,3 +673,16 @@ def test_killed_server_gives_every_client_its_status() -> None:
     _out, err = proc.communicate(timeout=90)
     assert proc.returncode == 9, err
     assert "Traceback" not in err
+
+
+def test_protocol_checks_still_hold() -> None:
+    """What held up stays held: no fds, a request over 4 MiB, bytes that are not UTF-8."""
+    as_root("run", "--", "true")
+    pid = _server_pid()
+    answer = reply(raw(run_request(["--", "true"]), fds=False))
+    assert answer["exit"] == 2 and "stdin, stdout and stderr" in str(answer["stderr"]), answer
+    answer = reply(raw(b'{"op": "run", "argv": ["' + b"x" * (5 << 20) + b'"]}\n'))
+    assert answer["exit"] == 2 and "too large" in str(answer["stderr"]), answer
+    answer = reply(raw(b'{"op": "run", "argv": ["\xff\xfe"], "env": {}, "cwd": "/"}\n'))
+    assert answer["exit"] == 2, answer
+    assert_server_alive(pid)
