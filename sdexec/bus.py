@@ -125,6 +125,10 @@ class Manager:
         self._connected = asyncio.Event()
         self._watch_task: asyncio.Task[None] | None = None
         self.reconnects = 0
+        """Bus connections made again after a drop."""
+        self.reregistrations = 0
+        """Times systemd (re)registered on the bus under us (re-exec, or back after a bus
+        restart): each a re-subscribe and re-read, but not a reconnect of ours."""
         self.generation = 0
         """Bumped, as soon as it is known, whenever signals may have been lost: the bus
         dropped, or systemd re-registered on it (re-exec). A start compares it."""
@@ -494,5 +498,5 @@ class Manager:
                 log.warning("re-subscribe after re-exec failed: %s", e)
         except LaunchError as e:
             log.warning("re-subscribe after re-exec failed: %s", e)
-        self.reconnects += 1
+        self.reregistrations += 1
         await self._resync()
