@@ -64,7 +64,15 @@ def build_request(
     check_environment(extra_env, "--env")
     env = dict(environ)
     env.update(extra_env)
-    jobid = args.job if args.job is not None else new_jobid()
+    # Under a resource manager the job's identity is its: Slurm's job.step, task rank, size
+    from .pmi import PmiEndpoint
+    from .slurm import allocation_memory, step_from_environment
+
+    step = step_from_environment(environ) if args.job is None or args.rank is None else None
+    # the PMI fd is this process's (or the client's, passed to the server), not the unit's
+    env.pop("PMI_FD", None)
+    jobid = args.job if args.job is not None else step.jobid if step else new_jobid()
+    rank = args.rank if args.rank is not None else step.rank if step else 0
     from .unitname import check_jobid
 
     check_jobid(jobid)
@@ -85,7 +93,10 @@ def build_request(
         cwd=args.cwd or cwd,
         attrs=attrs,
         owner=owner,
-        rank=args.rank,
+        rank=rank,
+        size=step.size if step else None,
+        pmi=PmiEndpoint.from_environment(environ),
+        allocation_memory=allocation_memory(environ) if step else None,
         user_manager=args.user,
         keep_failed_unit=args.keep_unit,
         time_limit=time_limit,
@@ -96,6 +107,12 @@ def build_request(
 def main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     req = build_request(args, os.environ, os.getcwd(), args.owner)
+    if req.pmi is not None:
+        from dataclasses import replace
+
+        from .pmi import env_fd
+
+        req.pmi = replace(req.pmi, fd=env_fd(os.environ))
     from .jobexec import select_service
 
     service = select_service(cfg, req)

@@ -80,6 +80,7 @@ SDEXEC_KEYS = (
     "allow-properties",
     "stdio-eof-timeout",
     "start-timeout",
+    "allocation-memory",
 )
 TESTEXEC_KEYS = ("allow-guests",)
 OUR_TABLES = ("exec", "sdexec")
@@ -124,6 +125,9 @@ class SiteConfig:
     allow_properties: tuple[str, ...] = ()
     stdio_eof_timeout: float = 10.0
     start_timeout: float = 30.0
+    # the resource manager's memory allocation (Slurm's SLURM_MEM_PER_NODE / _PER_CPU) becomes
+    # the unit's MemoryMax, never above the site's own sdexec-properties MemoryMax
+    allocation_memory: bool = False
 
     def resolved_state_dir(self) -> str:
         return self.state_dir if self.state_dir is not None else default_state_dir()
@@ -207,6 +211,8 @@ class ExecConfig:
             sd["allow-properties"] = list(site.allow_properties)
         sd["stdio-eof-timeout"] = format_fsd(site.stdio_eof_timeout)
         sd["start-timeout"] = format_fsd(site.start_timeout)
+        if site.allocation_memory:
+            sd["allocation-memory"] = True
         return {"exec": ex, "sdexec": sd}
 
 
@@ -414,6 +420,7 @@ def _parse_site(data: Mapping[str, Any], c: _Checker) -> SiteConfig:
         allow_properties=tuple(allow),
         stdio_eof_timeout=stdio,
         start_timeout=start,
+        allocation_memory=c.boolean(sd, (*P, "allocation-memory"), defaults.allocation_memory),
     )
 
 

@@ -28,6 +28,7 @@ from .show import show_value
 if TYPE_CHECKING:
     from .job import UpdateHook
     from .launcher import Launcher
+    from .pmi import PmiEndpoint
     from .statedb import StateDB
     from .testexec import TestexecSpec
 
@@ -51,6 +52,13 @@ class JobRequest:
     keep_failed_unit: bool = False
     time_limit: float | None = None
     shells: int = 1  # shells of this job on this node: ranks rank .. rank+shells-1
+    size: int | None = None  # ranks of the whole job (all nodes); None: this node's shells
+    pmi: PmiEndpoint | None = None  # the resource manager's PMI: the barrier across nodes
+    allocation_memory: int | None = None  # bytes the resource manager allocated here
+
+    def cross_node(self) -> bool:
+        """Whether the start barrier spans nodes (through PMI): a job of more than one task."""
+        return self.pmi is not None and self.pmi.size > 1 and self.pmi.fd is not None
 
     def owner_uid(self) -> int:
         return os.getuid() if self.owner is None else owner_uid(self.owner)
@@ -294,7 +302,7 @@ def _shell_prefix(cfg: ExecConfig, req: JobRequest) -> tuple[str, ...]:
     """
     if cfg.job_shell:
         return (cfg.job_shell, "--")
-    if req.guest() or req.shells > 1:
+    if req.guest() or req.shells > 1 or req.cross_node():
         return (sys.executable, "-m", "sdexec.shell", "--")
     return ()
 
@@ -313,7 +321,7 @@ async def _start_shells(
     guest = req.guest()
     shell = _shell_prefix(cfg, req)
     barrier_path = None
-    if req.shells > 1:
+    if req.shells > 1 or req.cross_node():
         barrier_path = await _start_barrier(cfg, req, handle)
     if handle.service == "sdexec" and launcher is None:
         from .launcher import Launcher
@@ -324,7 +332,8 @@ async def _start_shells(
     for rank in range(req.rank, req.rank + req.shells):
         key = record_key(req.jobid, rank, req.shells)
         env = dict(req.env)
-        env.update(SDEXEC_JOBID=req.jobid, SDEXEC_RANK=str(rank), SDEXEC_SIZE=str(req.shells))
+        size = req.size or req.shells
+        env.update(SDEXEC_JOBID=req.jobid, SDEXEC_RANK=str(rank), SDEXEC_SIZE=str(size))
         if barrier_path:
             env["SDEXEC_BARRIER"] = barrier_path
 
@@ -350,6 +359,7 @@ async def _start_shells(
                 guest_user=req.owner if guest else None,
                 shell=shell,
                 keep_failed_unit=req.keep_failed_unit,
+                memory_max=req.allocation_memory if cfg.sdexec.allocation_memory else None,
             )
             try:
                 job: BaseJob = await launcher.start(spec, on_drain=on_drain, on_update=on_update)
@@ -394,13 +404,18 @@ async def _start_barrier(cfg: ExecConfig, req: JobRequest, handle: Handle) -> st
     rundir = tempfile.mkdtemp(prefix="sdexec-barrier-")
     os.chmod(rundir, 0o711)  # guests' shells must reach the socket (owned by them) inside
     path = os.path.join(rundir, "barrier.sock")
-    server = LocalBarrierServer(
-        path,
-        req.shells,
-        cfg.barrier_timeout,
-        MonotonicClock(),
-        owner_uid=req.owner_uid() if req.guest() else None,
-    )
+    owner = req.owner_uid() if req.guest() else None
+    if req.cross_node():
+        from .pmi import ClusterBarrierServer
+
+        assert req.pmi is not None
+        server: LocalBarrierServer = ClusterBarrierServer(
+            path, req.shells, cfg.barrier_timeout, MonotonicClock(), req.pmi, owner_uid=owner
+        )
+    else:
+        server = LocalBarrierServer(
+            path, req.shells, cfg.barrier_timeout, MonotonicClock(), owner_uid=owner
+        )
     await server.start()
 
     async def watch() -> None:
@@ -412,10 +427,11 @@ async def _start_barrier(cfg: ExecConfig, req: JobRequest, handle: Handle) -> st
             log.error("job %s: %s", req.jobid, handle.error)
             waiting = getattr(e, "waiting", [])
             handle.cancel("cancel")
+            missing = f"shell ranks {waiting}" if waiting else "the other nodes"
             await _drain(
                 cfg,
                 db,
-                f"{handle.error} (job {req.jobid}, shell ranks {waiting} never arrived)",
+                f"{handle.error} (job {req.jobid}, {missing} never arrived)",
                 req.jobid,
                 None,
             )

@@ -22,6 +22,7 @@ import signal
 import socket
 import stat
 import struct
+from dataclasses import replace
 from typing import Any
 
 from .client import socket_path
@@ -213,7 +214,7 @@ class Server:
             await readable
         finally:
             loop.remove_reader(conn.fileno())
-        data, fds, _flags, _addr = socket.recv_fds(conn, 65536, 3)
+        data, fds, _flags, _addr = socket.recv_fds(conn, 65536, 4)
         while b"\n" not in data:
             if len(data) > MAX_REQUEST:
                 raise UsageError("the request is too large")
@@ -225,7 +226,11 @@ class Server:
         request = json.loads(line)
         if request.get("op") not in ("run", "attach"):
             raise UsageError(f"unknown request {request.get('op')!r}")
-        if request["op"] == "run" and len(fds) != 3:
+        # stdin, stdout, stderr, and the PMI socket of a task of a resource manager's step
+        wanted = 4 if request.get("pmi_fd") is True else 3
+        if request["op"] == "run" and len(fds) != wanted:
+            for fd in fds:
+                os.close(fd)
             raise UsageError(f"expected the client's stdin, stdout and stderr, got {len(fds)} fds")
         return request, list(fds), rest
 
@@ -249,6 +254,8 @@ class Server:
             raise UsageError(f"--user: this sdexec server runs jobs of the {which} manager")
         owner = _owner(_peer_uid(conn), args.owner)
         req = build_request(args, request["env"], request["cwd"], owner)
+        if req.pmi is not None:  # the barrier speaks on (a dup of) the client's PMI socket
+            req.pmi = replace(req.pmi, fd=fds[3] if len(fds) == 4 else None)
         service = select_service(self.cfg, req)
         handle = await start_job(
             self.cfg, req, service, stdin=fds[0], stdout=fds[1], stderr=fds[2],
