@@ -81,7 +81,9 @@ class LocalBarrierServer:
 
     ``timeout`` runs from the first entry (as in Flux: a job slow to be scheduled on some node
     is not the barrier's problem until one shell is ready); 0 or inf disables it. The socket is
-    0600; ``owner_uid`` hands it to the job's owner so a guest's shells can connect.
+    0600; ``owner_uid`` hands it to the job's owner so a guest's shells can connect. The
+    shells' ranks are ``first_rank .. first_rank+size-1``: a node other than a job's first
+    runs ranks that do not start at 0.
     """
 
     def __init__(
@@ -91,6 +93,7 @@ class LocalBarrierServer:
         timeout: float,
         clock: Clock,
         owner_uid: int | None = None,
+        first_rank: int = 0,
     ) -> None:
         if size < 1:
             raise ValueError(f"barrier size must be >= 1, not {size}")
@@ -101,6 +104,9 @@ class LocalBarrierServer:
         self.timeout = timeout
         self.clock = clock
         self.owner_uid = owner_uid
+        if first_rank < 0:
+            raise ValueError(f"barrier first rank must be >= 0, not {first_rank}")
+        self.ranks = range(first_rank, first_rank + size)
         self.first_entry: float | None = None
         self._entered: set[int] = set()
         self._outcome: str | None = None  # "go" or "fail REASON" once decided
@@ -117,7 +123,7 @@ class LocalBarrierServer:
     @property
     def waiting(self) -> list[int]:
         """Ranks that have not entered (what a node drain would name)."""
-        return [r for r in range(self.size) if r not in self._entered]
+        return [r for r in self.ranks if r not in self._entered]
 
     @property
     def done(self) -> bool:
@@ -248,8 +254,9 @@ class LocalBarrierServer:
             await self._reply(writer, f"fail bad request {raw[:64]!r}: expected 'enter RANK'")
             return
         rank = int(words[1])
-        if rank >= self.size:
-            await self._reply(writer, f"fail rank {rank} out of range (size {self.size})")
+        if rank not in self.ranks:
+            expected = format_ranks(list(self.ranks))
+            await self._reply(writer, f"fail rank {rank} out of range (ranks {expected})")
             return
         if self._outcome is not None and self._outcome != "go":
             await self._reply(writer, self._outcome)  # a late rank learns why it is too late

@@ -30,12 +30,19 @@ from .cgroup import cgroup_pids, kill_cgroup, unit_cgroup_dir
 from .channel import DEVNULL, PIPE, Channels
 from .clock import Clock, MonotonicClock
 from .config import ExecConfig
-from .errors import CommandNotExecutable, LaunchError, RefusedError
+from .errors import CommandNotExecutable, LaunchError, RefusedError, UsageError
 from .job import BaseJob, DrainHook, UpdateHook, Who
 from .start import (
+    DEFAULT_PATH,
+    IMP_CWD_VAR,
+    IMP_ENV_VAR,
+    IMP_USER_VAR,
     UnitPlan,
     check_command,
     check_environment,
+    encode_environment,
+    guest_exec_prefix,
+    guest_passwd,
     properties,
     resolve_program,
     stop_timeout_usec,
@@ -63,6 +70,7 @@ class JobSpec:
     stdout: int = PIPE
     stderr: int = PIPE
     guest_user: str | None = None  # run through the IMP as this user
+    run_as: str | None = None  # run as this user (name or uid) with the unit's User=
     shell: Sequence[str] = ()  # job-shell argv prefix, e.g. ("/usr/libexec/flux/flux-shell",)
     keep_failed_unit: bool = False
     description: str | None = None
@@ -283,23 +291,53 @@ class Launcher:
     # --- starting ---------------------------------------------------------------------------
 
     def plan(self, spec: JobSpec, fds: tuple[int, int, int] | None) -> UnitPlan:
-        """The unit to start for ``spec``: validated and resolved, before anything starts."""
+        """The unit to start for ``spec``: validated and resolved, before anything starts.
+
+        A guest's command, environment and working directory are never looked at with our
+        privileges: through the IMP they travel as data that the IMP applies after it became
+        the guest (the unit itself gets a fixed environment and ``/``); with ``run_as`` systemd
+        drops privileges before it enters the directory and runs the command, and the
+        program is looked up on the guest's PATH by ``env``, as the guest.
+        """
         cfg = self.config
         env = dict(os.environ if spec.env is None else spec.env)
         check_environment(env)
         cwd = spec.cwd or os.getcwd()
         check_command(spec.argv, cwd)
-        via_imp = spec.guest_user is not None
-        argv = [*spec.shell, *spec.argv]
         if not spec.argv:
             raise LaunchError("the command is empty (usage: sdexec run [OPTIONS] -- CMD [ARG...])")
+        via_imp = spec.guest_user is not None
+        unit_env, unit_cwd, user = env, cwd, None
+        if via_imp and spec.run_as is not None:
+            raise UsageError(f"job {spec.jobid}: guest_user (IMP) and run_as exclude each other")
         if via_imp:
             if not cfg.imp:
                 raise RefusedError(
                     f"job {spec.jobid}: guest jobs need exec.imp (the privilege helper) to be set"
                 )
-            argv = [cfg.imp, "exec", *argv]
-        argv[0] = resolve_program(argv[0], env, cwd)
+            argv = [cfg.imp, "exec", *spec.shell, *spec.argv]
+            argv[0] = resolve_program(argv[0], {"PATH": DEFAULT_PATH}, "/")
+            unit_env = {
+                "PATH": DEFAULT_PATH,
+                IMP_USER_VAR: str(spec.guest_user),
+                IMP_ENV_VAR: encode_environment(env),
+                IMP_CWD_VAR: cwd,
+            }
+            unit_cwd = "/"
+        elif spec.run_as is not None:
+            if os.geteuid() != 0 or self.manager.user:
+                raise RefusedError(
+                    f"job {spec.jobid}: running a job as another user with the unit's User= "
+                    "needs a root launcher on the system manager ([sdexec] guest-credentials)"
+                )
+            pw = guest_passwd(spec.run_as)
+            argv = [*(spec.shell or guest_exec_prefix(spec.argv[0])), *spec.argv]
+            argv[0] = resolve_program(argv[0], {"PATH": DEFAULT_PATH}, "/")  # ours, not theirs
+            groups = [g for g in os.getgrouplist(pw.pw_name, pw.pw_gid) if g != pw.pw_gid]
+            user = (pw.pw_uid, pw.pw_gid, tuple(groups))
+        else:
+            argv = [*spec.shell, *spec.argv]
+            argv[0] = resolve_program(argv[0], env, cwd)
         extra = tuple((p.name, p.signature, p.value) for p in cfg.unit_properties)
         if spec.memory_max is not None:
             from .memory import cap_memory_max
@@ -309,8 +347,8 @@ class Launcher:
         return UnitPlan(
             name=unit_name(spec.jobid, spec.rank, guest=via_imp),
             argv=tuple(argv),
-            env=env,
-            cwd=cwd,
+            env=unit_env,
+            cwd=unit_cwd,
             type="notify" if via_imp else "exec",
             kill_mode="process" if via_imp else "control-group",
             timeout_stop_usec=stop_timeout_usec(cfg.sdexec_stop_timer_sec, via_imp=via_imp),
@@ -319,6 +357,7 @@ class Launcher:
             extra=extra,
             fds=fds,
             expand_env=not self._exec_start_ex,
+            user=user,
         )
 
     async def start(
@@ -331,8 +370,6 @@ class Launcher:
         """Start one shell's unit; the hooks override the launcher's for this job."""
         plan = self.plan(spec, (0, 1, 2))  # validates before any fd or unit exists
         via_imp = spec.guest_user is not None
-        if via_imp:
-            plan = replace(plan, env={**plan.env, "SDEXEC_IMP_USER": str(spec.guest_user)})
         job = self._new_job(
             spec.jobid, plan.name, via_imp, spec.keep_failed_unit, on_drain, on_update
         )

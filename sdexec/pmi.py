@@ -211,9 +211,17 @@ class ClusterBarrierTimeout(BarrierTimeout):
 class ClusterBarrierServer(LocalBarrierServer):
     """The local barrier, completed only once the PMI barrier across nodes completes too."""
 
-    def __init__(self, path: str, size: int, timeout: float, clock: Clock, pmi: PmiEndpoint,
-                 owner_uid: int | None = None) -> None:  # fmt: skip
-        super().__init__(path, size, timeout, clock, owner_uid=owner_uid)
+    def __init__(
+        self,
+        path: str,
+        size: int,
+        timeout: float,
+        clock: Clock,
+        pmi: PmiEndpoint,
+        owner_uid: int | None = None,
+        first_rank: int = 0,
+    ) -> None:
+        super().__init__(path, size, timeout, clock, owner_uid=owner_uid, first_rank=first_rank)
         if pmi.fd is None:
             raise ValueError("ClusterBarrierServer needs the PMI fd")
         self.pmi = pmi

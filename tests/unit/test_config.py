@@ -340,7 +340,11 @@ def test_to_dict_defaults() -> None:
             "barrier-timeout": "30m",
             "testexec": {"allow-guests": False},
         },
-        "sdexec": {"stdio-eof-timeout": "10s", "start-timeout": "30s"},
+        "sdexec": {
+            "stdio-eof-timeout": "10s",
+            "start-timeout": "30s",
+            "guest-credentials": "imp",
+        },
     }
 
 
