@@ -129,6 +129,7 @@ def build_request(
         size=step.size if step else None,
         pmi=PmiEndpoint.from_environment(environ),
         allocation_memory=allocation_memory(environ) if step else None,
+        slurm_job=step.job_id if step else None,
         user_manager=args.user,
         keep_failed_unit=args.keep_unit,
         time_limit=time_limit,
@@ -148,6 +149,8 @@ def main(args: argparse.Namespace) -> int:
     from .jobexec import select_service
 
     service = select_service(cfg, req)
+    if req.slurm_job is not None and req.time_limit is None:
+        asyncio.run(req.take_time_limit())
 
     async def start() -> Handle:
         from .jobexec import start_job

@@ -56,6 +56,15 @@ class JobRequest:
     size: int | None = None  # ranks of the whole job (all nodes); None: this node's shells
     pmi: PmiEndpoint | None = None  # the resource manager's PMI: the barrier across nodes
     allocation_memory: int | None = None  # bytes the resource manager allocated here
+    slurm_job: str | None = None  # the Slurm job this is a step's task of
+
+    async def take_time_limit(self) -> None:
+        """A Slurm task without --time-limit ends at its job's end time, with SIGALRM."""
+        if self.slurm_job is None or self.time_limit is not None:
+            return
+        from .slurm import job_end_time, time_limit_from_end
+
+        self.time_limit = time_limit_from_end(await job_end_time(self.slurm_job), time.time())
 
     def cross_node(self) -> bool:
         """Whether the start barrier spans nodes (through PMI): a job of more than one task."""
@@ -307,6 +316,7 @@ async def start_job(
         handle.cleanup.append(db.close)
     try:
         db.check_not_drained()
+        await req.take_time_limit()  # a Slurm task's: its job's end time
         if service == "sdexec":
             await sweep_abandoned(cfg, db, user_manager=req.user_manager)
         if service == "testexec":

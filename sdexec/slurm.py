@@ -102,3 +102,56 @@ def job_of_unit(unit: str) -> tuple[int, str] | None:
 def belongs_to(jobid: str, slurm_job: str) -> bool:
     """Whether sdexec job ``jobid`` (``J``, ``J.STEP``, ``J.STEP.RANK``) is of Slurm job ``J``."""
     return jobid == slurm_job or jobid.startswith(slurm_job + ".")
+
+
+#: sdexec's own time limit fires this long before Slurm's end time, so the job sees
+#: SIGALRM (Flux's time-limit signal) before Slurm's SIGTERM
+END_MARGIN_SEC = 1.0
+SQUEUE_TIMEOUT_SEC = 10.0
+
+
+def parse_end_time(text: str) -> float | None:
+    """squeue's ``%e`` (``2026-12-01T22:10:00``, local time) as a Unix time; None for a job
+    without one (``Unknown``, ``N/A``, ``NONE``: no time limit)."""
+    import time
+
+    try:
+        return time.mktime(time.strptime(text.strip(), "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return None
+
+
+def time_limit_from_end(end: float | None, now: float) -> float | None:
+    """The time limit that ends the job at Slurm's end time (minus the margin); None: none."""
+    if end is None:
+        return None
+    return max(end - now - END_MARGIN_SEC, 0.001)
+
+
+async def job_end_time(job_id: str) -> float | None:
+    """The job's end time from the controller (one ``squeue``); None if it cannot be had:
+    Slurm's own limit still ends the job then (SIGTERM instead of SIGALRM)."""
+    import asyncio
+    import logging
+
+    log = logging.getLogger(__name__)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            "squeue", "-h", "-j", job_id, "-o", "%e",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+    except OSError as e:
+        log.warning("job %s: squeue: %s: no time limit from Slurm", job_id, e.strerror or e)
+        return None
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), SQUEUE_TIMEOUT_SEC)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        log.warning("job %s: squeue timed out: no time limit from Slurm", job_id)
+        return None
+    if proc.returncode != 0:
+        return None
+    return parse_end_time(out.decode(errors="replace"))
