@@ -8,17 +8,20 @@ with no job unit left on any node: that is part of what each test checks.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import time
+import tomllib
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
 CLUSTER = os.environ.get("SDEXEC_CLUSTER", "")
 NODES = ("node1", "node2")
-TEST_CONF = "/etc/sdexec/conf.d/60-test.toml"
+SRC = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HOLD = "/run/sdexec-test-hold"
 HELD_SHELL = "/usr/local/bin/sdexec-test-held-shell"
 
@@ -105,10 +108,46 @@ def drain_reasons() -> dict[str, str]:
     return dict(line.split("|", 1) for line in out.splitlines() if "|" in line)
 
 
+BASE_CONF = "/etc/sdexec/conf.d/50-cluster.toml"
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def _toml(data: dict[str, Any], prefix: str = "") -> str:
+    scalars = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    tables = {k: v for k, v in data.items() if isinstance(v, dict)}
+    out = [f"[{prefix}]"] if prefix and scalars else []
+    out += [f"{json.dumps(k) if '.' in k else k} = {_toml_value(v)}" for k, v in scalars.items()]
+    for k, v in tables.items():
+        out.append(_toml(v, f"{prefix}.{k}" if prefix else k))
+    return "\n".join(out) + "\n"
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def configure(text: str, hosts: tuple[str, ...] = NODES) -> None:
-    """A drop-in of sdexec config on the nodes; the next job's server reads it."""
+    """The cluster's sdexec config with ``text`` (TOML) laid over it, on the nodes; the next
+    job's server reads it (a conf.d may set a key only once: the file is replaced)."""
+    with open(os.path.join(SRC, "containers", "cluster.d", "exec.toml"), "rb") as f:
+        base = tomllib.load(f)
+    merged = _toml(_merge(base, tomllib.loads(text)))
     for host in hosts:
-        on(host, f"cat > {TEST_CONF} <<'EOF'\n{text}\nEOF\nsystemctl stop sdexec.service")
+        on(host, f"cat > {BASE_CONF} <<'EOF'\n{merged}EOF\nsystemctl stop sdexec.service 2>/dev/null")
 
 
 def hold_shells(host: str) -> None:
@@ -130,8 +169,10 @@ def reset_cluster() -> None:
     for host in NODES:
         on(
             host,
-            f"rm -f {TEST_CONF} {HOLD} /tmp/sdexec-test-*; systemctl stop sdexec.service; "
-            "sdexec drain clear >/dev/null",
+            f"install -m 0644 /src/containers/cluster.d/exec.toml {BASE_CONF}; "
+            f"rm -f {HOLD} /tmp/sdexec-test-* /etc/sdexec/conf.d/6*.toml; "
+            "systemctl stop sdexec.service 2>/dev/null; systemctl reset-failed sdexec.service "
+            "sdexec.socket; systemctl start sdexec.socket; sdexec drain clear >/dev/null",
         )
     wait_for("nodes to finish their jobs", lambda: all(
         s in ("idle", "drain", "drng") for s in node_states().values()))  # fmt: skip
