@@ -88,11 +88,14 @@ async def end_job_units(
             "ListUnitsByPatterns", "asas", [[], ["shell-*.service", "imp-shell-*.service"]]
         )
         units: dict[str, str] = {}  # unit -> sdexec job id
+        active: set[str] = set()  # what systemd says runs, whatever its unit file says
         for entry in listed:
             name = str(entry[0])
             parsed = job_of_unit(name)
             if parsed is not None and belongs_to(parsed[1], escaped):
                 units[name] = parsed[1]
+                if str(entry[3]) not in ("inactive", "failed"):
+                    active.add(name)
         by_unit = {r.unit: r for r in records if r.service == "sdexec"}
         for unit, known in by_unit.items():
             units.setdefault(unit, known.jobid)
@@ -106,6 +109,8 @@ async def end_job_units(
 
             job = await launcher.adopt(jobid, unit, on_drain=on_drain)
             if not job.running:
+                if unit in active:  # not "loaded" (a daemon-reload made it "bad-setting")
+                    await _kill_unloaded(launcher, cfg, unit, report)
                 continue  # collected already: nothing to end
             jobs.append(job)
         for job in jobs:
@@ -136,6 +141,8 @@ async def end_job_units(
         for rec in records:
             if rec.unit in live_units or rec.state == "abandoned":
                 continue
+            if any(p.startswith(f"{rec.unit}:") for p in report["problems"]):
+                continue
             if rec.launcher_pid and rec.launcher_alive() and rec.launcher_pid != os.getpid():
                 continue  # its launcher (the server) finishes it
             db.remove_job(rec.jobid)
@@ -147,3 +154,31 @@ async def end_job_units(
         db.close()
     report["at"] = time.time()
     return report
+
+
+async def _kill_unloaded(launcher: Any, cfg: Any, unit: str, report: dict[str, Any]) -> None:
+    """A running unit systemd no longer has a valid unit for (StopUnit refuses it): its
+    processes still get term-signal, then kill-signal after kill-timeout."""
+    from .bus import BusCallError
+    from .unitname import object_path
+
+    path = object_path(unit)
+    for signum in (cfg.term_signal, cfg.kill_signal):
+        try:
+            await launcher.manager.call("KillUnit", "ssi", [unit, "all", signum])
+        except BusCallError as e:
+            log.warning("epilog: KillUnit %s: %s", unit, e)
+        deadline = time.monotonic() + cfg.kill_timeout
+        while time.monotonic() < deadline:
+            props = await launcher.manager.get_some(path, ["ActiveState"])
+            if props.get("ActiveState") in ("inactive", "failed"):
+                report["ended"].append(unit)
+                try:
+                    await launcher.manager.call("ResetFailedUnit", "s", [unit])
+                except BusCallError:
+                    pass
+                return
+            await asyncio.sleep(0.1)
+    report["problems"].append(
+        f"{unit}: still running after {cfg.term_signal} and {cfg.kill_signal}"
+    )

@@ -147,7 +147,10 @@ def configure(text: str, hosts: tuple[str, ...] = NODES) -> None:
         base = tomllib.load(f)
     merged = _toml(_merge(base, tomllib.loads(text)))
     for host in hosts:
-        on(host, f"cat > {BASE_CONF} <<'EOF'\n{merged}EOF\nsystemctl stop sdexec.service 2>/dev/null")
+        on(
+            host,
+            f"cat > {BASE_CONF} <<'EOF'\n{merged}EOF\nsystemctl stop sdexec.service 2>/dev/null",
+        )
 
 
 def hold_shells(host: str) -> None:

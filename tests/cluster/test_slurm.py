@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 import time
 
@@ -144,7 +145,7 @@ LINGER = "sh -c 'trap \"\" TERM USR1; exec sleep 60' & sleep 0.3; echo main-done
 
 def test_abandoned_unit_drains_the_node_in_slurm_until_cleared() -> None:
     configure("[exec]\nsdexec-stop-timer-sec = 2\nsdexec-stop-timer-signal = 10", ("node2",))
-    p = srun(f"-N1 -w node2 sdexec run -- sh -c '{LINGER}'")
+    p = srun(f"-N1 -w node2 sdexec run -- sh -c {shlex.quote(LINGER)}")
     assert p.returncode == 125, (p.stdout, p.stderr)
     assert "abandoned" in p.stderr
     reasons = drain_reasons()
@@ -168,7 +169,7 @@ def test_drain_refused_by_slurm_is_reported_and_kept() -> None:
         '"Reason={reason}"]',
         ("node2",),
     )
-    p = srun(f"-N1 -w node2 sdexec run -- sh -c '{LINGER}'")
+    p = srun(f"-N1 -w node2 sdexec run -- sh -c {shlex.quote(LINGER)}")
     assert p.returncode == 125
     assert "drain-command" in p.stderr or "drain" in p.stderr, p.stderr
     local = json.loads(on("node2", "sdexec drain list --json").stdout)
@@ -187,7 +188,7 @@ def _signals_seen(job: str) -> dict[str, str]:
 
 
 def test_scancel_ends_every_unit_with_term_first() -> None:
-    proc = start("ctl", 'srun -N2 sdexec run -- sh -c "' + TRAPPED.format(sig="TERM") + '"')
+    proc = start("ctl", "srun -N2 sdexec run -- sh -c " + shlex.quote(TRAPPED.format(sig="TERM")))
     try:
         ready = read_lines(proc, 2, r"^ready ")
         job = ready[0].split()[1]
@@ -202,9 +203,9 @@ def test_scancel_ends_every_unit_with_term_first() -> None:
 def test_interrupted_srun_ends_every_unit_with_term_first() -> None:
     proc = start(
         "ctl",
-        "echo $$ > /tmp/sdexec-test-srun.pid; exec srun -N2 sdexec run -- sh -c \""
-        + TRAPPED.format(sig="TERM") + '"',
-    )  # fmt: skip
+        "echo $$ > /tmp/sdexec-test-srun.pid; exec srun -N2 sdexec run -- sh -c "
+        + shlex.quote(TRAPPED.format(sig="TERM")),
+    )
     try:
         ready = read_lines(proc, 2, r"^ready ")
         job = ready[0].split()[1]
@@ -222,7 +223,7 @@ def test_time_limit_sends_sigalrm_first() -> None:
         "trap 'echo TERM >> /tmp/sdexec-test-sig-$SLURM_JOB_ID; exit 0' TERM; "
         + TRAPPED.format(sig="ALRM")
     )
-    proc = start("ctl", 'srun -N2 --time=1 sdexec run -- sh -c "' + script + '"')
+    proc = start("ctl", "srun -N2 --time=1 sdexec run -- sh -c " + shlex.quote(script))
     try:
         ready = read_lines(proc, 2, r"^ready ")
         job = ready[0].split()[1]
@@ -245,9 +246,9 @@ def test_allocation_memory_becomes_memory_max_capped_by_the_site() -> None:
         "cat /sys/fs/cgroup/memory$(sed -n 's/^[0-9]*:memory://p' /proc/self/cgroup)"
         "/memory.limit_in_bytes"
     )
-    small = srun(f"-N2 --mem=100M sdexec run -- sh -c '{show}'")
+    small = srun(f"-N2 --mem=100M sdexec run -- sh -c {shlex.quote(show)}")
     assert small.returncode == 0, small.stderr
     assert small.stdout.split() == [str(100 << 20)] * 2
-    big = srun(f"-N1 --mem=900M sdexec run -- sh -c '{show}'")
+    big = srun(f"-N1 --mem=900M sdexec run -- sh -c {shlex.quote(show)}")
     assert big.returncode == 0, big.stderr
     assert big.stdout.split() == [str(512 << 20)]
