@@ -147,6 +147,26 @@ async def end_job_units(
                 continue  # its launcher (the server) finishes it
             db.remove_job(rec.jobid)
             report["cleaned"].append(f"record {rec.jobid}")
+        # A local drain is the node's truth (it refuses jobs): make sure Slurm knows it, with
+        # sdexec's reason, even if the drain-command failed when it happened (or the node was
+        # resumed in Slurm but never cleared here); if it fails again, exiting non-zero makes
+        # Slurm drain the node itself ("Epilog error"): a drain is never lost.
+        drains = db.drains()
+        if drains:
+            report["drained"] = drains[-1].reason
+            template = tuple(cfg.sdexec.drain_command or ())
+            told = False
+            if template:
+                from .drain import expand_drain_command, run_drain_command
+
+                told = await run_drain_command(
+                    expand_drain_command(template, drains[-1]), command_timeout=30.0
+                )
+            if not told:
+                report["problems"].append(
+                    f"this node is drained ({drains[-1].reason}) and the resource manager "
+                    "could not be told through drain-command"
+                )
     finally:
         for job in list(launcher.jobs.values()):
             await launcher.forget(job)

@@ -162,7 +162,8 @@ def test_abandoned_unit_drains_the_node_in_slurm_until_cleared() -> None:
 
 
 def test_drain_refused_by_slurm_is_reported_and_kept() -> None:
-    # a drain command Slurm refuses (no such node): logged, the local record stays
+    # a drain command Slurm refuses (no such node): logged, the local record stays, and the
+    # Epilog's failure makes Slurm drain the node anyway
     configure(
         "[exec]\nsdexec-stop-timer-sec = 2\nsdexec-stop-timer-signal = 10\n[sdexec]\n"
         'drain-command = ["scontrol", "update", "NodeName=nosuchnode", "State=DRAIN", '
@@ -170,12 +171,13 @@ def test_drain_refused_by_slurm_is_reported_and_kept() -> None:
         ("node2",),
     )
     p = srun(f"-N1 -w node2 sdexec run -- sh -c {shlex.quote(LINGER)}")
-    assert p.returncode == 125
-    assert "drain-command" in p.stderr or "drain" in p.stderr, p.stderr
+    assert p.returncode == 125 and "abandoned" in p.stderr, p.stderr
     local = json.loads(on("node2", "sdexec drain list --json").stdout)
     assert len(local) == 1 and "abandoned" in local[0]["reason"], local
     log = on("node2", "journalctl -q -u sdexec.service --no-pager | tail -50").stdout
     assert "drain-command scontrol failed" in log, log
+    wait_for("Slurm to drain node2 for its Epilog", lambda: "node2" in drain_reasons())
+    assert drain_reasons()["node2"] == "Epilog error"
     no_job_units()
 
 
