@@ -243,14 +243,22 @@ def test_time_limit_sends_sigalrm_first() -> None:
 
 
 def test_allocation_memory_becomes_memory_max_capped_by_the_site() -> None:
+    # Slurm exports an allocation's memory (salloc/sbatch) to its steps' tasks
     configure('[exec.sdexec-properties]\nMemoryMax = "512M"\n[sdexec]\nallocation-memory = true')
     show = (
         "cat /sys/fs/cgroup/memory$(sed -n 's/^[0-9]*:memory://p' /proc/self/cgroup)"
         "/memory.limit_in_bytes"
     )
-    small = srun(f"-N2 --mem=100M sdexec run -- sh -c {shlex.quote(show)}")
+    step = f"srun sdexec run -- sh -c {shlex.quote(show)}"
+    small = on("ctl", f"salloc -Q -N2 --mem=100M {step}", check=False)
     assert small.returncode == 0, small.stderr
     assert small.stdout.split() == [str(100 << 20)] * 2
-    big = srun(f"-N1 --mem=900M sdexec run -- sh -c {shlex.quote(show)}")
+    per_cpu = on("ctl", f"salloc -Q -N1 --mem-per-cpu=60M {step}", check=False)
+    assert per_cpu.returncode == 0, per_cpu.stderr
+    assert per_cpu.stdout.split() == [str(60 << 20)]  # x 1 CPU per node
+    big = on("ctl", f"salloc -Q -N1 --mem=900M {step}", check=False)
     assert big.returncode == 0, big.stderr
-    assert big.stdout.split() == [str(512 << 20)]
+    assert big.stdout.split() == [str(512 << 20)]  # the site's bound holds
+    configure('[exec.sdexec-properties]\nMemoryMax = "512M"')
+    off = on("ctl", f"salloc -Q -N1 --mem=100M {step}", check=False)
+    assert off.stdout.split() == [str(512 << 20)], off.stderr  # a site option: off by default
