@@ -262,3 +262,91 @@ def test_allocation_memory_becomes_memory_max_capped_by_the_site() -> None:
     configure('[exec.sdexec-properties]\nMemoryMax = "512M"')
     off = on("ctl", f"salloc -Q -N1 --mem=100M {step}", check=False)
     assert off.stdout.split() == [str(512 << 20)], off.stderr  # a site option: off by default
+
+
+# --- ordinary users ---------------------------------------------------------------------------
+
+ALICE = 1600
+
+# A hand-made client of the node's server: one request with our own stdin, a pipe as stdout
+# and our stderr; prints {"exit": N, "stdout": "...", "stderr": [...]}.
+HAND_MADE = r"""
+import json, os, socket, sys
+request = json.loads(sys.argv[1])
+nfds = int(sys.argv[2])
+r, w = os.pipe()
+sock = socket.socket(socket.AF_UNIX)
+sock.connect("/run/sdexec/sdexec.sock")
+fds = [0, w, 2, 0][:nfds]
+socket.send_fds(sock, [json.dumps(request).encode() + b"\n"], fds)
+os.close(w)
+answer = {}
+for line in sock.makefile("rb"):
+    msg = json.loads(line)
+    if "exit" in msg:
+        answer = msg
+        break
+sock.close()
+out = b""
+while chunk := os.read(r, 65536):
+    out += chunk
+answer["stdout"] = out.decode()
+print(json.dumps(answer))
+"""
+
+
+def _as_alice(request: dict[str, object], nfds: int = 3) -> dict[str, object]:
+    full = {"op": "run", "env": {"PATH": "/usr/bin:/bin", "HOME": "/home/alice"}, "cwd": "/tmp"}
+    full.update(request)
+    p = on(
+        "node1",
+        "runuser -u alice -- /opt/sdexec/bin/python -c "
+        f"{shlex.quote(HAND_MADE)} {shlex.quote(json.dumps(full))} {nfds}",
+    )
+    result: dict[str, object] = json.loads(p.stdout)
+    return result
+
+
+def test_alices_step_runs_as_alice_in_its_unit() -> None:
+    p = on(
+        "ctl",
+        "runuser -u alice -- srun -l -N2 --chdir=/tmp sdexec run -- "
+        "sh -c 'id -u; grep -o -m1 \"shell-[0-9]*-[0-9.]*service\" /proc/self/cgroup'",
+        check=False,
+    )
+    assert p.returncode == 0, p.stderr
+    by_task: dict[str, list[str]] = {}
+    for line in p.stdout.splitlines():
+        task, _, value = line.partition(": ")
+        by_task.setdefault(task, []).append(value)
+    assert sorted(by_task) == ["0", "1"], p.stdout
+    for task, (uid, unit) in by_task.items():
+        assert uid == str(ALICE), p.stdout
+        assert re.fullmatch(rf"shell-{task}-\d+\.0\.service", unit), p.stdout
+
+
+def test_alice_cannot_run_a_job_as_anyone_else() -> None:
+    # through the CLI, in a step
+    p = on(
+        "ctl",
+        "runuser -u alice -- srun -N1 --chdir=/tmp sdexec run --owner root -- id -u",
+        check=False,
+    )
+    assert p.returncode == 125 and "only the instance owner" in p.stderr, (p.stdout, p.stderr)
+    assert "0\n" not in p.stdout
+    # a hand-made request naming root (by name and by uid), or another user
+    for owner in ("root", "0", "guest"):
+        refused = _as_alice({"argv": ["--owner", owner, "--", "id", "-u"]})
+        assert refused["exit"] == 125 and refused["stdout"] == "", refused
+    # root's identity in the environment changes nothing: SO_PEERCRED decides
+    forged = _as_alice(
+        {
+            "argv": ["--", "id", "-u"],
+            "env": {"PATH": "/usr/bin:/bin", "USER": "root", "LOGNAME": "root",
+                    "SDEXEC_IMP_USER": "root", "SLURM_JOB_UID": "0"},
+        }
+    )  # fmt: skip
+    assert forged["exit"] == 0 and forged["stdout"] == f"{ALICE}\n", forged
+    # a PMI fd announced but not sent: a bad request, nothing runs
+    bad = _as_alice({"argv": ["--", "id", "-u"], "pmi_fd": True})
+    assert bad["exit"] == 2 and bad["stdout"] == "", bad
