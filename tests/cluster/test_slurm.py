@@ -220,6 +220,27 @@ def test_interrupted_srun_ends_every_unit_with_term_first() -> None:
     assert _signals_seen(job) == {"node1": "TERM\n", "node2": "TERM\n"}
 
 
+def test_clients_killed_by_slurm_leave_no_unit() -> None:
+    # task 1 fails once task 0 runs: KillOnBadExit SIGKILLs task 0's client at once (no
+    # cancel from it); the Epilog ends its unit, term-signal first
+    script = (
+        'if [ "$SLURM_PROCID" = 1 ]; then '
+        "while [ ! -e /tmp/sdexec-test-go ]; do sleep 0.1; done; exit 1; fi; "
+        + TRAPPED.format(sig="TERM")
+    )
+    proc = start("ctl", "srun -N2 sdexec run -- sh -c " + shlex.quote(script))
+    try:
+        ready = read_lines(proc, 1, r"^ready ")
+        job = ready[0].split()[1]
+        on("node2", "touch /tmp/sdexec-test-go")
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, err
+    no_job_units()
+    assert _signals_seen(job)["node1"] == "TERM\n"
+
+
 def test_time_limit_sends_sigalrm_first() -> None:
     script = (
         "trap 'echo TERM >> /tmp/sdexec-test-sig-$SLURM_JOB_ID; exit 0' TERM; "
