@@ -73,6 +73,17 @@ def _positive(text: str) -> int:
     return n
 
 
+MAX_SHELLS = 1024
+"""Shells of one job on one node: each is a unit, a client must not make the node start 1e5."""
+
+
+def _shells(text: str) -> int:
+    n = _positive(text)
+    if n > MAX_SHELLS:
+        raise argparse.ArgumentTypeError(f"{text!r} is more than {MAX_SHELLS} shells on one node")
+    return n
+
+
 def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config",
@@ -131,7 +142,7 @@ def _build_run(sub: Any) -> None:
     )
     run.add_argument(
         "--shells",
-        type=_positive,
+        type=_shells,
         default=1,
         metavar="N",
         help="shells of this job on the node (ranks RANK..RANK+N-1), meeting at the start barrier",

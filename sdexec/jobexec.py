@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from .channel import DEVNULL, PIPE
-from .config import ExecConfig
+from .config import SERVICES, ExecConfig
 from .errors import LaunchError, RefusedError, SdexecError, UsageError
 from .job import BaseJob, Who
 from .show import show_value
+from .testexec import PREFIX as TEST_PREFIX
 
 if TYPE_CHECKING:
     from .job import UpdateHook
@@ -35,9 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SERVICES = ("sdexec", "rexec")
 SERVICE_ATTR = "system.exec.bulkexec.service"
-TEST_PREFIX = "system.exec.test"
 
 
 @dataclass
@@ -287,16 +286,20 @@ def _publisher(db: StateDB, jobid: str, rank: int) -> UpdateHook:
 async def start_job(
     cfg: ExecConfig,
     req: JobRequest,
-    service: str,
+    service: str | None = None,
     *,
-    stdin: int,
+    stdin: int = DEVNULL,
     stdout: int = PIPE,
     stderr: int = PIPE,
     launcher: Launcher | None = None,
     db: StateDB | None = None,
     on_accepted: Callable[[], Awaitable[None]] | None = None,
 ) -> Handle:
-    """Start ``req``'s shells with ``service``; ``close()`` on the handle undoes everything.
+    """Start ``req``'s shells under the job-exec policy; ``close()`` on the handle undoes
+    everything.
+
+    The policy is applied here, whatever the caller did: ``service``, if given (what the
+    caller got from :func:`select_service`, e.g. to log it), must be what the policy chooses.
 
     ``on_accepted`` is awaited once the job is recorded, before any unit or process starts;
     if it raises (the client went away), nothing starts.
@@ -304,9 +307,15 @@ async def start_job(
     Nothing is started for a refused job; a job whose second shell fails to start has its
     first one killed; a record stays only for an abandoned shell (for post-mortem).
     """
+    chosen = select_service(cfg, req)
+    if service is not None and service != chosen:
+        raise RefusedError(
+            f"job {req.jobid}: service {show_value(service)} refused: the policy chooses "
+            f"{chosen!r} for this job"
+        )
     handle = Handle(
         jobid=req.jobid,
-        service=service,
+        service=chosen,
         db=db,
         owner_uids={req.owner_uid()},
         on_accepted=on_accepted,
@@ -317,9 +326,9 @@ async def start_job(
     try:
         db.check_not_drained()
         await req.take_time_limit()  # a Slurm task's: its job's end time
-        if service == "sdexec":
+        if chosen == "sdexec":
             await sweep_abandoned(cfg, db, user_manager=req.user_manager)
-        if service == "testexec":
+        if chosen == "testexec":
             await _start_testexec(cfg, req, handle)
         else:
             await _start_shells(cfg, req, handle, (stdin, stdout, stderr), launcher)
@@ -438,7 +447,9 @@ async def _start_shells(
                 db_remove(db, req.jobid, rank)
                 raise
         handle.jobs.append(job)
-        handle.cleanup.append(lambda rank=rank: _finish_record(handle, db, req.jobid, rank))
+        handle.cleanup.append(
+            lambda job=job, rank=rank: _finish_record(handle, db, job, req.jobid, rank)
+        )
 
 
 async def _start_barrier(cfg: ExecConfig, req: JobRequest, handle: Handle) -> str:
@@ -512,17 +523,23 @@ async def _start_barrier(cfg: ExecConfig, req: JobRequest, handle: Handle) -> st
 def db_remove(db: StateDB, jobid: str, rank: int) -> None:
     try:
         db.remove_job(jobid, rank)
-    except Exception:  # the db may be closed already, or the disk full (retried later)
-        log.warning("removing the record of job %s rank %d failed", jobid, rank, exc_info=True)
+    except Exception as e:  # the db may be closed already, or the disk full (retried later)
+        log.warning("removing the record of job %s rank %d failed: %s", jobid, rank, e)
 
 
-def _finish_record(handle: Handle, db: StateDB, jobid: str, rank: int) -> None:
+def _finish_record(handle: Handle, db: StateDB, job: BaseJob, jobid: str, rank: int) -> None:
     """A finished shell's record goes, unless nobody took its status (``keep_records``: the
     client of a server went away; ``sdexec attach`` collects it later); an abandoned one
-    (post-mortem) or a running one (its launcher is going away: re-attach needs it) stays."""
-    rec = db.get_job(jobid, rank)
-    if rec is not None and rec.state == "finished" and not handle.keep_records:
-        db_remove(db, jobid, rank)
+    (post-mortem) or a running one (its launcher is going away: re-attach needs it) stays.
+
+    The job itself says which, not the record: a record whose last update failed (a full
+    disk) must not outlive a job that ended."""
+    if job.running or job.result in ("abandoned", "detached"):
+        return
+    if handle.keep_records:
+        job.publish()  # once more, in case the last update did not get through
+        return
+    db_remove(db, jobid, rank)
 
 
 class SimulatedJob(BaseJob):
@@ -589,7 +606,7 @@ async def _start_testexec(cfg: ExecConfig, req: JobRequest, handle: Handle) -> N
     )
     job.spawn(job.run(spec, req.time_limit))
     handle.jobs.append(job)
-    handle.cleanup.append(lambda: _finish_record(handle, db, req.jobid, req.rank))
+    handle.cleanup.append(lambda: _finish_record(handle, db, job, req.jobid, req.rank))
 
 
 async def sweep_abandoned(cfg: ExecConfig, db: StateDB, *, user_manager: bool = False) -> list[str]:
@@ -719,11 +736,11 @@ async def attach_job(
         live = [r for r in recs if r.live]
         for rec in recs:
             if not rec.live:
-                handle.jobs.append(RecordedJob(rec))
-                if rec.state == "finished":
-                    handle.cleanup.append(
-                        lambda r=rec: _finish_record(handle, db, r.jobid, r.rank)
-                    )
+                recorded = RecordedJob(rec)
+                handle.jobs.append(recorded)
+                handle.cleanup.append(
+                    lambda j=recorded, r=rec: _finish_record(handle, db, j, r.jobid, r.rank)
+                )
         if live and launcher is None:
             launcher = Launcher(cfg, user=user_manager)
             await launcher.connect()
@@ -743,7 +760,9 @@ async def attach_job(
                 job.error = f"job {jobid} was not started (its launcher stopped before the unit)"
             log.info("attached to %s (%s)", rec.unit, job.state.active_state or "gone")
             handle.jobs.append(job)
-            handle.cleanup.append(lambda r=rec: _finish_record(handle, db, r.jobid, r.rank))
+            handle.cleanup.append(
+                lambda j=job, r=rec: _finish_record(handle, db, j, r.jobid, r.rank)
+            )
     except BaseException:
         await handle.close()
         raise

@@ -209,6 +209,9 @@ class Server:
                 entry.cancel()
             raise
         log.info("re-attached to job %s", jobid)
+        # Its status must reach someone: an attach waiting now claims it, else the record
+        # keeps it for the client that will come back (or 'sdexec attach').
+        handle.keep_records = True
         task = asyncio.ensure_future(self._finish_adopted(handle))
         # once it ended, its status is given (once) and the entry goes: nothing piles up
         task.add_done_callback(lambda _t: self.adopted.pop(jobid, None))
@@ -305,12 +308,12 @@ class Server:
         running = self.running.get(jobid)
         if running is not None:  # a client of ours that went away: its job is still ours
             handle, rc = await asyncio.shield(running)
-            for r in db.list_jobs(jobid=jobid):  # the status goes to this attacher
-                if r.state == "finished":
-                    db_remove(db, r.jobid, r.rank)
-            return outcome(handle, rc, json_out=json_out)
-        handle, task = await self.adopt(jobid)
-        rc = await asyncio.shield(task)
+        else:
+            handle, task = await self.adopt(jobid)
+            rc = await asyncio.shield(task)
+        for r in db.list_jobs(jobid=jobid):  # the status goes to this attacher, once
+            if r.state == "finished":
+                db_remove(db, r.jobid, r.rank)
         return outcome(handle, rc, json_out=json_out)
 
     def _parse(self, argv: Any) -> Any:

@@ -129,6 +129,8 @@ def check_command(argv: Sequence[str], cwd: str) -> None:
     """NUL bytes and non-UTF-8 text cannot cross D-Bus or exec(), systemd takes only an
     absolute working directory, and the command is bounded as exec() bounds it: refuse up
     front, naming the argument, rather than with systemd's opaque InvalidArgs."""
+    if argv and not argv[0]:
+        raise UsageError("the command is empty (usage: sdexec run [OPTIONS] -- CMD [ARG...])")
     if len(argv) > MAX_ARGS:
         raise UsageError(f"the command has {len(argv)} arguments (at most {MAX_ARGS})")
     size = 0

@@ -90,21 +90,35 @@ def launcher_alive(pid: int, since: float | None = None) -> bool:
         return False
     except PermissionError:
         pass  # exists, owned by someone else
-    try:
-        import psutil
-    except ImportError:  # pragma: no cover - psutil is a dependency
-        return True
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        if since is not None and proc.create_time() > since + _PID_REUSE_SLACK_SEC:
-            return False
-    except psutil.NoSuchProcess:
+    stat = _proc_stat(pid)
+    if stat is None:
         return False
-    except psutil.Error:
-        return True
-    return True
+    state, started = stat
+    if state in ("Z", "X"):
+        return False
+    return not (since is not None and started > since + _PID_REUSE_SLACK_SEC)
+
+
+def _boot_time() -> float:
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("btime "):
+                return float(line.split()[1])
+    return 0.0
+
+
+def _proc_stat(pid: int) -> tuple[str, float] | None:
+    """A process's state letter and start (wall clock) from /proc: all the launcher check
+    needs, without a compiled dependency for it."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return None
+    # the command name (field 2) is in parentheses and may itself hold spaces or ")"
+    fields = text[text.rindex(")") + 2 :].split()
+    start_ticks = int(fields[19])  # field 22 of stat(5), counted from the state (field 3)
+    return fields[0], _boot_time() + start_ticks / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -285,7 +299,8 @@ class StateDB:
             mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 log.warning("state database %s: journal mode is %s, not wal", self.path, mode)
-            # WAL + NORMAL survives a crashed process; the state dir is usually tmpfs anyway
+            # WAL + NORMAL survives a crashed process (not a power loss: the last few
+            # transactions may go, which re-adopting the units makes up for)
             self._conn.execute("PRAGMA synchronous = NORMAL")
         with self._write() as c:
             version = int(c.execute("PRAGMA user_version").fetchone()[0])
@@ -357,10 +372,13 @@ class StateDB:
         ).fetchone()
         return None if row is None else self._row_to_job(row)
 
-    def _flush_removals(self, c: sqlite3.Connection) -> None:
-        for jobid, rank in list(self._pending_removals):
+    def _flush_removals(self, c: sqlite3.Connection) -> set[Key]:
+        """Do the pending removals in this transaction; the caller forgets them (``done``)
+        only once it committed: a failed commit must not lose them."""
+        flushed = set(self._pending_removals)
+        for jobid, rank in flushed:
             c.execute("DELETE FROM jobs WHERE jobid = ? AND rank = ?", (jobid, rank))
-        self._pending_removals.clear()
+        return flushed
 
     def add_job(self, rec: JobRecord) -> None:
         """Record a shell; refuse if it is already running here, or if the job id is another
@@ -374,7 +392,7 @@ class StateDB:
         values = [self._encode(name, getattr(rec, name)) for name in _JOB_COLUMNS]
         key = (rec.jobid, rec.rank)
         with self._write() as c:
-            self._flush_removals(c)
+            flushed = self._flush_removals(c)
             others = c.execute(
                 "SELECT DISTINCT owner_uid FROM jobs WHERE jobid = ? AND owner_uid != ?",
                 (rec.jobid, rec.owner_uid),
@@ -404,6 +422,7 @@ class StateDB:
                 f"VALUES ({', '.join('?' * len(_JOB_COLUMNS))})",
                 values,
             )
+        self._pending_removals -= flushed
         self._mine.add(key)
 
     def update_job(self, jobid: str, rank: int, **fields: object) -> None:
@@ -457,11 +476,12 @@ class StateDB:
         self._mine.discard((jobid, rank))
         try:
             with self._write() as c:
-                self._flush_removals(c)
+                flushed = self._flush_removals(c)
                 c.execute("DELETE FROM jobs WHERE jobid = ? AND rank = ?", (jobid, rank))
         except LaunchError:
             self._pending_removals.add((jobid, rank))
             raise
+        self._pending_removals -= flushed | {(jobid, rank)}
 
     # --- drain ----------------------------------------------------------------------------
 

@@ -85,6 +85,14 @@ def no_units_left() -> Iterator[None]:
     assert not left, f"units left behind: {sorted(left)}"
 
 
+def main_pid(unit: str) -> int:
+    """The unit's main process (0 when it has none)."""
+    out = subprocess.run(
+        ["systemctl", "show", "-P", "MainPID", unit], capture_output=True, text=True, check=True
+    )
+    return int(out.stdout.strip() or 0)
+
+
 def run_sdexec(*args: str, timeout: float = 60, **kw: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(  # type: ignore[call-overload, no-any-return]
         [*SDEXEC, *args], capture_output=True, text=True, timeout=timeout, check=False, **kw

@@ -11,19 +11,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from .conftest import SDEXEC, start_until_ready
+from .conftest import SDEXEC, main_pid, start_until_ready
 
 SOCKET = "/run/sdexec/sdexec.sock"
 
 
 def _server_pid() -> int:
-    out = subprocess.run(
-        ["systemctl", "show", "-P", "MainPID", "sdexec.service"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return int(out.stdout.strip() or 0)
+    return main_pid("sdexec.service")
 
 
 def run(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .conftest import SDEXEC, run_sdexec, start_until_ready
+from .conftest import SDEXEC, main_pid, run_sdexec, start_until_ready
 
 Config = Callable[..., str]
 VENV_BIN = Path(os.environ.get("VIRTUAL_ENV", "/opt/sdexec")) / "bin"
@@ -260,13 +260,7 @@ def test_leftovers_of_an_inactive_unit_are_killed(config: Config) -> None:
         "-c",
         "echo ready; exec sleep 61",
     )
-    imp_pid = subprocess.run(
-        ["systemctl", "show", "-P", "ExecMainPID", "imp-shell-0-guest3.service"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    os.kill(int(imp_pid), signal.SIGKILL)
+    os.kill(main_pid("imp-shell-0-guest3.service"), signal.SIGKILL)
     _out, err = proc.communicate(timeout=30)
     assert proc.returncode == 128 + 9, err
     assert "processes remain" in err, err
