@@ -478,7 +478,11 @@ async def _start_barrier(cfg: ExecConfig, req: JobRequest, handle: Handle) -> st
             path, req.shells, cfg.barrier_timeout, MonotonicClock(), owner_uid=owner,
             first_rank=req.rank,  # the shells report RANK..RANK+N-1
         )  # fmt: skip
-    await server.start()
+    try:
+        await server.start()
+    except BaseException:
+        os.rmdir(rundir)  # a refused PMI fd: nothing of the barrier stays
+        raise
 
     async def watch() -> None:
         try:

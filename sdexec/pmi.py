@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 from .barrier import BarrierError, BarrierTimeout, LocalBarrierServer
 from .clock import Clock
+from .errors import LaunchError
 
 log = logging.getLogger(__name__)
 
@@ -231,9 +232,12 @@ class ClusterBarrierServer(LocalBarrierServer):
     async def start(self) -> None:
         assert self.pmi.fd is not None
         try:
+            if not stat.S_ISSOCK(os.fstat(self.pmi.fd).st_mode):
+                # refused before any shell starts: not a barrier failure (no drain)
+                raise LaunchError(f"PMI: the PMI fd ({self.pmi.fd}) is not a socket")
             self._fd = os.dup(self.pmi.fd)
         except OSError as e:
-            raise PmiError(f"PMI: fd {self.pmi.fd}: {e.strerror or e}") from None
+            raise LaunchError(f"PMI: fd {self.pmi.fd}: {e.strerror or e}") from None
         try:
             await super().start()
         except BaseException:

@@ -182,3 +182,18 @@ async def test_cluster_barrier_timeout_names_the_other_nodes(
             await server.wait()
     finally:
         await server.close()
+
+
+async def test_cluster_barrier_refuses_a_pmi_fd_that_is_no_socket(tmp_path: object) -> None:
+    from sdexec.errors import LaunchError
+
+    r, w = os.pipe()
+    try:
+        path = os.path.join(str(tmp_path), "b.sock")
+        server = ClusterBarrierServer(path, 1, 30, MonotonicClock(), PmiEndpoint(0, 2, r))
+        with pytest.raises(LaunchError, match="not a socket"):
+            await server.start()
+        assert not os.listdir(str(tmp_path))  # nothing left behind
+    finally:
+        os.close(r)
+        os.close(w)
