@@ -2,7 +2,7 @@
 
 Everything systemd-specific that is not a method call lives elsewhere; this module knows the
 bus. It exists separately because the bus is the part that fails in production: the peer
-lessons (../shared/notes/peer-lessons.md) are mostly about it:
+lessons (docs/design-notes.md) are mostly about it:
 
 - ``Subscribe()`` before expecting signals, and match rules before ``StartTransientUnit``;
 - bound the calls in flight (the system bus caps pending replies per connection at 128);

@@ -1,9 +1,12 @@
-"""Stdio channels: socketpairs whose far ends are handed to systemd as file descriptors.
+"""Stdio channels: pipes (output) and a socketpair (input) whose far ends go to systemd.
 
 The unit writes into its end; we read ours through asyncio streams. Relaying (rather than
 handing systemd the caller's own descriptors) lets the launcher know when output ends, bound
 the wait for EOF when leftover processes keep a descriptor open (Flux #6656), and serve
-library callers that want the bytes.
+library callers that want the bytes. Output goes through pipes, not sockets: once we close
+our reading end (our own reader went away), the job's next write fails with EPIPE *and*
+SIGPIPE as in a shell pipeline, even a write blocked on a full buffer (a blocked writer on
+a socket gets ECONNRESET or EPIPE without the signal).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ class Channels:
     """The fds passed to the unit (``remote``) and our ends (``local``), closed exactly once."""
 
     remote: list[int] = field(default_factory=list)
-    local: dict[str, socket.socket] = field(default_factory=dict)
+    local: dict[str, socket.socket | int] = field(default_factory=dict)  # int: a pipe's end
     _owned_remote: list[int] = field(default_factory=list)
     # our writers on the read-only channels: kept so their transports live as long as the job
     _keep: list[asyncio.StreamWriter] = field(default_factory=list)
@@ -34,9 +37,14 @@ class Channels:
         ch = cls()
         try:
             for name, spec in (("stdin", stdin), ("stdout", stdout), ("stderr", stderr)):
-                if spec == PIPE:
+                if spec == PIPE and name != "stdin":
+                    ours_fd, fd = os.pipe2(os.O_CLOEXEC)
+                    ch.local[name] = ours_fd
+                    ch._owned_remote.append(fd)
+                    ch.remote.append(fd)
+                elif spec == PIPE:
                     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-                    theirs.shutdown(socket.SHUT_WR if name == "stdin" else socket.SHUT_RD)
+                    theirs.shutdown(socket.SHUT_WR)
                     ch.local[name] = ours
                     fd = theirs.detach()
                     ch._owned_remote.append(fd)
@@ -63,8 +71,11 @@ class Channels:
 
     def close(self) -> None:
         self.close_remote()
-        for sock in self.local.values():
-            sock.close()
+        for end in self.local.values():
+            if isinstance(end, int):
+                os.close(end)
+            else:
+                end.close()
         self.local.clear()
         for w in self._keep:
             w.close()
@@ -77,22 +88,28 @@ class Channels:
         self,
     ) -> tuple[asyncio.StreamWriter | None, EofReader | None, EofReader | None]:
         writer = None
-        if "stdin" in self.local:
-            _r, writer = await asyncio.open_unix_connection(sock=self.local.pop("stdin"))
+        stdin = self.local.pop("stdin", None)
+        if isinstance(stdin, socket.socket):
+            _r, writer = await asyncio.open_unix_connection(sock=stdin)
             self._keep.append(writer)
         out = await self._reader("stdout")
         err = await self._reader("stderr")
         return writer, out, err
 
     async def _reader(self, name: str) -> EofReader | None:
-        sock = self.local.pop(name, None)
-        if sock is None:
+        fd = self.local.pop(name, None)
+        if not isinstance(fd, int):
             return None
         reader = EofReader(limit=STREAM_LIMIT)
         protocol = asyncio.StreamReaderProtocol(reader)
-        transport, _ = await asyncio.get_running_loop().connect_accepted_socket(
-            lambda: protocol, sock
-        )
+        pipe = os.fdopen(fd, "rb", buffering=0)  # the transport closes it
+        try:
+            transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+                lambda: protocol, pipe
+            )
+        except BaseException:
+            pipe.close()
+            raise
         self._transports.append(transport)
         return reader
 

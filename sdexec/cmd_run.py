@@ -172,26 +172,60 @@ def attach(args: argparse.Namespace) -> int:
     return asyncio.run(_supervise(start, args.job, None, json_out=args.json))
 
 
-async def _relay(reader: asyncio.StreamReader | None, fd: int) -> None:
-    """Copy job output to our fd as it comes; a closed reader of ours (EPIPE) stops the copy."""
+async def _relay(
+    reader: asyncio.StreamReader | None, fd: int, lock: asyncio.Lock | None = None
+) -> None:
+    """Copy job output to our fd as it comes, every byte, in order.
+
+    A non-blocking fd whose reader is slow keeps the unwritten rest and waits until it is
+    writable (``lock``: one writer per fd, several shells may share it). When our reader goes
+    away (EPIPE: ``sdexec run -- yes | head``), the job must learn it as it would in a shell
+    pipeline: our end of its output is closed, so its next write fails with EPIPE/SIGPIPE
+    and it ends on its own, rather than writing into a relay that discards forever.
+    """
     if reader is None:
         return
+    lock = lock or asyncio.Lock()
     while True:
         chunk = await reader.read(65536)
         if not chunk:
             return
-        view = memoryview(chunk)
         try:
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-        except BlockingIOError:
-            await asyncio.sleep(0.001)
+            async with lock:
+                await _write_all(fd, chunk)
         except BrokenPipeError:
-            log.debug("fd %d closed by its reader; discarding the rest", fd)
-            while await reader.read(65536):
-                pass
+            log.debug("fd %d closed by its reader; closing the job's end too", fd)
+            transport = getattr(reader, "_transport", None)
+            if transport is not None:
+                transport.close()
             return
+
+
+async def _write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until all of ``data`` is out; on a full non-blocking fd, wait (no spin)."""
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except BlockingIOError:
+            await _writable(fd)
+            continue
+        view = view[n:]
+
+
+async def _writable(fd: int) -> None:
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_writer(fd, wake)
+    try:
+        await ready
+    finally:
+        loop.remove_writer(fd)
 
 
 async def _supervise(
@@ -222,8 +256,9 @@ async def _supervise(
             timer: asyncio.TimerHandle | None = None
             if time_limit is not None and time_limit > 0:
                 timer = loop.call_later(time_limit, handle.cancel, "timeout")
+            locks = {1: asyncio.Lock(), 2: asyncio.Lock()}
             relays = [
-                asyncio.create_task(_relay(reader, fd))
+                asyncio.create_task(_relay(reader, fd, locks[fd]))
                 for job in handle.jobs
                 for reader, fd in ((job.stdout, 1), (job.stderr, 2))
             ]

@@ -100,8 +100,7 @@ def select_service(cfg: ExecConfig, req: JobRequest) -> str:
     if unknown:
         raise UsageError(
             f"--setattr: unknown attribute {unknown[0]!r} (known: {SERVICE_ATTR}, "
-            f"{TEST_PREFIX}.run_duration, .wait_status, .mock_exception, .override, "
-            ".reattach_finish)"
+            f"{TEST_PREFIX}.run_duration, .wait_status, .mock_exception)"
         )
     service = cfg.service
     wanted = req.attrs.get(SERVICE_ATTR)
@@ -554,6 +553,7 @@ class SimulatedJob(BaseJob):
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self._cancelled = asyncio.Event()
+        self.started = False
 
     async def signal(self, signum: int, who: Who = "all") -> None:
         self._cancelled.set()
@@ -563,6 +563,16 @@ class SimulatedJob(BaseJob):
 
     def cancel(self, reason: Literal["cancel", "timeout"] = "cancel") -> None:
         self._cancelled.set()
+
+    def _on_start(self) -> None:
+        """The simulated job counts as started: its record says so (``sdexec jobs``)."""
+        self.started = True
+        self.publish()
+
+    def stats(self) -> dict[str, Any]:
+        out = super().stats()
+        out["started"] = self.started
+        return out
 
     async def run(self, spec: TestexecSpec, time_limit: float | None) -> None:
         from .testexec import run_testexec
@@ -574,6 +584,7 @@ class SimulatedJob(BaseJob):
                 clock=self.clock,
                 default_duration=time_limit,
                 cancelled=self._cancelled,
+                on_start=self._on_start,
             )
         except SdexecError as e:
             self.error = str(e)

@@ -30,7 +30,7 @@ from .cgroup import cgroup_pids, kill_cgroup, unit_cgroup_dir
 from .channel import DEVNULL, PIPE, Channels
 from .clock import Clock, MonotonicClock
 from .config import ExecConfig
-from .errors import CommandNotExecutable, LaunchError, RefusedError, UsageError
+from .errors import CommandNotExecutable, LaunchError, RefusedError, SdexecError, UsageError
 from .job import BaseJob, DrainHook, UpdateHook, Who
 from .start import (
     DEFAULT_PATH,
@@ -250,6 +250,16 @@ class Job(BaseJob):
             kill_cgroup(directory)
             await asyncio.sleep(0.1)
         return True
+
+
+def _refuse_unmarshallable(plan: UnitPlan) -> None:
+    """Raise a one-line error naming the first property D-Bus cannot carry, if there is one."""
+    from .properties import dbus_problem
+
+    for name, (sig, value) in properties(plan):
+        problem = dbus_problem(name, sig, value)
+        if problem is not None:
+            raise UsageError(f"unit property {name}: {problem}")
 
 
 class Launcher:
@@ -511,8 +521,8 @@ class Launcher:
 
     async def _start_unit(self, plan: UnitPlan, channels: Channels, job: Job) -> None:
         for attempt in range(3):
-            props = [[k, Variant(sig, v)] for k, (sig, v) in properties(plan)]
             try:
+                props = [[k, Variant(sig, v)] for k, (sig, v) in properties(plan)]
                 await self.manager.job_call(
                     "StartTransientUnit",
                     "ssa(sv)a(sa(sv))",
@@ -536,6 +546,13 @@ class Launcher:
                     self._exec_start_ex = False
                     plan = replace(plan, expand_env=True)
                     continue
+                raise
+            except SdexecError:
+                raise
+            except Exception:
+                # dbus-fast checks values only as it marshals the call: what it refuses
+                # would surface as its own exception (a traceback); name the property.
+                _refuse_unmarshallable(plan)
                 raise
         raise LaunchError(f"job {job.jobid}: could not start {plan.name}")
 

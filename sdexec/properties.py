@@ -12,7 +12,8 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from . import memory
 from .errors import ConfigError
@@ -26,6 +27,7 @@ __all__ = [
     "collect_properties",
     "combine_errors",
     "convert_properties",
+    "dbus_problem",
     "is_protected",
 ]
 
@@ -56,6 +58,7 @@ PROTECTED_PROPERTIES = frozenset(
         "Description",
         "Slice",
         "CollectMode",
+        "IgnoreSIGPIPE",
     }
 )
 _PROTECTED_PREFIXES = ("Standard",)  # StandardInput, StandardOutputFileDescriptor, ...
@@ -68,11 +71,35 @@ MAX_CPU = 8191  # systemd refuses larger CPU numbers in a CPU set
 
 @dataclass(frozen=True)
 class UnitProperty:
-    """One ``(sv)`` entry of StartTransientUnit: name, D-Bus signature of value, value."""
+    """One ``(sv)`` entry of StartTransientUnit: name, D-Bus signature of value, value.
+
+    ``value`` is in the Python form dbus-fast marshals (arrays are lists, structs lists), so
+    it may be unhashable: it takes no part in the hash.
+    """
 
     name: str
     signature: str
-    value: object
+    value: Any = field(hash=False)
+
+
+def dbus_problem(name: str, signature: str, value: object) -> str | None:
+    """Why ``value`` cannot be sent as a ``signature`` property ``name`` (None: it can).
+
+    dbus-fast checks a value against its signature only when it marshals the message, deep
+    inside the StartTransientUnit call; marshalling the one property alone here turns what
+    would be a traceback there into a line naming the property, at config load already.
+    """
+    from dbus_fast import Message, Variant
+
+    try:
+        msg = Message(
+            path="/", member="Check", signature="a(sv)", body=[[[name, Variant(signature, value)]]]
+        )
+        msg._marshall(False)  # the marshaller StartTransientUnit goes through
+    except Exception as e:  # dbus-fast raises several kinds (signature, struct, encoding)
+        detail = " ".join(str(e).split()) or type(e).__name__
+        return f"cannot be sent to systemd as D-Bus {signature!r}: {detail}"
+    return None
 
 
 def is_protected(name: str) -> bool:
@@ -158,8 +185,9 @@ def cpuset_bitmap(value: str) -> bytes:
     return bytes(bitmap)
 
 
-def _device_allow(value: str) -> tuple[tuple[str, str], ...]:
-    pairs: list[tuple[str, str]] = []
+def _device_allow(value: str) -> list[list[str]]:
+    """``a(ss)``: dbus-fast wants a list (the array) of lists (the structs), never tuples."""
+    pairs: list[list[str]] = []
     for entry in value.split(","):
         fields = entry.split()
         if len(fields) != 2 or not re.fullmatch(r"[rwm]+", fields[1]):
@@ -167,8 +195,8 @@ def _device_allow(value: str) -> tuple[tuple[str, str], ...]:
                 f"{show_value(value)} is not a device list "
                 '(comma-separated "SPECIFIER PERMS", e.g. "/dev/nvidiactl rw")'
             )
-        pairs.append((fields[0], fields[1]))
-    return tuple(pairs)
+        pairs.append([fields[0], fields[1]])
+    return pairs
 
 
 def convert_one(name: str, value: str) -> UnitProperty:
@@ -231,21 +259,27 @@ def collect_properties(
             problem = "is set by sdexec itself and cannot be overridden"
             errors.append(ConfigError(key, problem, file))
             continue
+        prop: UnitProperty | None = None
         if name in SUPPORTED_PROPERTIES:
             try:
-                props.append(convert_one(name, value))
+                prop = convert_one(name, value)
             except ValueError as e:
                 errors.append(ConfigError(key, str(e), file))
-            continue
-        if name in allow_raw:
+        elif name in allow_raw:
             if not _NAME_RE.fullmatch(name):
                 errors.append(
                     ConfigError(key, "is not a systemd property name (e.g. DevicePolicy)", file)
                 )
             else:
-                props.append(UnitProperty(name, "s", value))
-            continue
-        errors.append(ConfigError(key, _unsupported(name), file))
+                prop = UnitProperty(name, "s", value)
+        else:
+            errors.append(ConfigError(key, _unsupported(name), file))
+        if prop is not None:
+            refused = dbus_problem(prop.name, prop.signature, prop.value)
+            if refused is not None:
+                errors.append(ConfigError(key, refused, file))
+            else:
+                props.append(prop)
     return props, errors
 
 

@@ -1,11 +1,12 @@
 """What goes into ``StartTransientUnit``, and the checks of a job's command, environment and
 working directory before anything starts.
 
-The choices are the reference's (Flux's sdexec) with what systemd taught us: ``ExecStartEx``
-with ``no-env-expand`` so a ``$`` in an argument reaches the program literally, and a systemd
-stop timeout longer than our own stop timer so that ours decides and systemd's is only the
-backstop. Everything here is pure except :func:`resolve_program` (it looks at the file system,
-as the launcher's own user: never call it for a guest's command).
+The choices are the reference's (Flux's sdexec; ``docs/design-notes.md``, "The unit") with
+what systemd taught us: ``ExecStartEx`` with ``no-env-expand`` so a ``$`` in an argument
+reaches the program literally, and a systemd stop timeout longer than our own stop timer so
+that ours decides and systemd's is only the backstop. Everything here is pure except
+:func:`resolve_program` (it looks at the file system, as the launcher's own user: never call
+it for a guest's command).
 """
 
 from __future__ import annotations
@@ -224,6 +225,9 @@ def properties(plan: UnitPlan) -> list[tuple[str, tuple[str, Any]]]:
         ("Type", ("s", plan.type)),
         ("KillMode", ("s", plan.kill_mode)),
         ("TimeoutStopUSec", ("t", plan.timeout_stop_usec)),
+        # systemd ignores SIGPIPE in services by default: a job would see `yes | head` end
+        # with "Broken pipe" (exit 1) instead of dying of SIGPIPE (141) as in a shell
+        ("IgnoreSIGPIPE", ("b", False)),
     ]
     if plan.slice:
         props.append(("Slice", ("s", plan.slice)))
@@ -257,17 +261,27 @@ def stop_timeout_usec(stop_timer_sec: float, *, via_imp: bool) -> int:
     return INFINITY_USEC if usec >= INFINITY_USEC else int(usec)  # also for inf
 
 
+def _comparable(value: Any) -> Any:
+    """Structs come back from the bus as tuples, were sent as lists; bytes as int lists."""
+    if isinstance(value, bytes | bytearray):
+        return list(value)
+    if isinstance(value, list | tuple):
+        return [_comparable(v) for v in value]
+    return value
+
+
 def verify_applied(wanted: Sequence[tuple[str, str, Any]], actual: Mapping[str, Any]) -> list[str]:
     """Properties systemd silently did not apply (Flux #7292): (name, wanted, actual) lines."""
     problems = []
     for name, _sig, value in wanted:
         if name not in actual:
             continue  # not readable back on this systemd: nothing to compare
-        got = actual[name]
-        want = value
-        if isinstance(value, bytes | bytearray):
-            want = list(value)
-            got = list(got) if isinstance(got, bytes | bytearray | list) else got
+        got = _comparable(actual[name])
+        want = _comparable(value)
+        if isinstance(value, bytes | bytearray) and isinstance(got, list):
+            # a CPU set comes back padded to whole machine words: trailing zero bytes
+            while len(got) > len(want) and got[-1] == 0:
+                got.pop()
         if got != want:
             problems.append(f"{name}={want!r} was not applied (systemd reports {got!r})")
     return problems

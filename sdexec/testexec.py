@@ -1,8 +1,13 @@
 """testexec: simulated jobs that run no process, selected by the job attribute ``system.exec.test``.
 
-They let the whole launch path (policy, bookkeeping, cancel, reattach) be exercised without
-systemd or a real workload. Semantics follow Flux's testexec: no duration at all means "finish
-at once", a duration of 0 (or inf) means "run until cancelled", a cancel reports death by SIGTERM.
+They let the whole launch path (policy, bookkeeping, cancel) be exercised without systemd or
+a real workload. Semantics follow Flux's testexec: no duration at all means "finish at once",
+a duration of 0 (or inf) means "run until cancelled", a cancel reports death by SIGTERM.
+
+Flux's ``override`` (the job starts and ends only on a ``job-exec.override`` RPC) and
+``reattach_finish`` (a re-attached simulated job ends at once) are refused with a usage error:
+sdexec has no override request to send, and only sdexec units are re-attached, so a job
+asking for them would hang or mean nothing.
 """
 
 from __future__ import annotations
@@ -19,14 +24,20 @@ from typing import Any, ClassVar, Literal
 from .clock import Clock
 from .duration import parse_fsd
 from .errors import LaunchError, RefusedError, UsageError
-from .properties import parse_bool
 
 __all__ = ["PREFIX", "TestexecError", "TestexecSpec", "allowed", "run_testexec"]
 
 log = logging.getLogger(__name__)
 
 PREFIX = "system.exec.test"
-KEYS = ("run_duration", "wait_status", "mock_exception", "override", "reattach_finish")
+KEYS = ("run_duration", "wait_status", "mock_exception")
+# Flux's keys that need something sdexec does not have: why, for the refusal
+UNSUPPORTED = {
+    "override": "sdexec has no override request (Flux's job-exec.override) to start or finish "
+    "a simulated job, so it would never start; use run_duration and wait_status",
+    "reattach_finish": "simulated jobs are never re-attached here (sdexec attach takes sdexec "
+    "units only)",
+}
 SIGTERM = 15  # the status of a cancelled simulated job: killed by SIGTERM (raw wait status)
 
 MockPhase = Literal["init", "run"]
@@ -36,13 +47,6 @@ class TestexecError(LaunchError):
     """A mock exception asked for by ``system.exec.test.mock_exception``."""
 
     __test__: ClassVar[bool] = False  # not a pytest test class, despite the name
-
-
-def _bool(key: str, value: str) -> bool:
-    try:
-        return parse_bool(value)
-    except ValueError as e:
-        raise UsageError(f"{key}: {e}") from None
 
 
 def _json_to_attr(value: object) -> str:
@@ -83,8 +87,6 @@ class TestexecSpec:
     run_duration: float | None = None
     wait_status: int = 0
     mock_exception: MockPhase | None = None
-    override: bool = False
-    reattach_finish: bool = False
 
     @classmethod
     def from_attrs(cls, attrs: Mapping[str, str]) -> TestexecSpec | None:
@@ -92,6 +94,8 @@ class TestexecSpec:
         if sub is None:
             return None
         for name in sub:
+            if name in UNSUPPORTED:
+                raise UsageError(f"{PREFIX}.{name}: not supported: {UNSUPPORTED[name]}")
             if name not in KEYS:
                 close = difflib.get_close_matches(name, KEYS, n=1)
                 hint = f" (did you mean {PREFIX}.{close[0]}?)" if close else ""
@@ -133,12 +137,6 @@ class TestexecSpec:
             run_duration=run_duration,
             wait_status=wait_status,
             mock_exception=mock,
-            override=_bool(f"{PREFIX}.override", sub["override"]) if "override" in sub else False,
-            reattach_finish=(
-                _bool(f"{PREFIX}.reattach_finish", sub["reattach_finish"])
-                if "reattach_finish" in sub
-                else False
-            ),
         )
 
 
@@ -175,35 +173,18 @@ async def run_testexec(
     default_duration: float | None = None,
     cancelled: asyncio.Event | None = None,
     on_start: Callable[[], object] | None = None,
-    reattach_elapsed: float | None = None,
-    override_start: asyncio.Event | None = None,
-    override_finish: asyncio.Event | None = None,
 ) -> int:
     """Simulate one job and return its raw wait status (exit code N -> N << 8).
 
     ``default_duration`` is the job's own time limit. ``on_start`` runs when the job counts
-    as started. ``reattach_elapsed`` (seconds since the recorded start) makes this a
-    reattach: only the remaining time runs, none if ``reattach_finish``. In ``override`` mode
-    the job starts only once ``override_start`` is set, and ``override_finish`` ends it early.
+    as started (after a mock init exception would have been raised, before a run one).
     """
     cancel = cancelled if cancelled is not None else asyncio.Event()
     if spec.mock_exception == "init":
         raise TestexecError(f"job {jobid}: mock init exception")
-    reattach = reattach_elapsed is not None
-
-    if spec.override and not reattach:
-        log.debug("testexec %s: waiting for the override start", jobid)
-        start_evt = override_start if override_start is not None else asyncio.Event()
-        starter = _task(start_evt.wait())
-        canceller = _task(cancel.wait())
-        done = await _first(starter, canceller)
-        if starter not in done:
-            log.debug("testexec %s: cancelled before it started", jobid)
-            return SIGTERM
-
     if on_start is not None:
         on_start()
-    log.debug("testexec %s: %s", jobid, "reattached" if reattach else "started")
+    log.debug("testexec %s: started", jobid)
     if spec.mock_exception == "run":
         raise TestexecError(f"job {jobid}: mock run exception")
 
@@ -212,18 +193,11 @@ async def run_testexec(
     remaining = 0.0
     if duration is not None and not unlimited:
         remaining = duration
-    if reattach_elapsed is not None:
-        if spec.reattach_finish:
-            unlimited, remaining = False, 0.0
-        elif not unlimited:
-            remaining = max(0.0, remaining - reattach_elapsed)
 
     waiters: list[asyncio.Future[object]] = [_task(cancel.wait())]
     canceller = waiters[0]
     if not unlimited:
         waiters.append(_task(clock.sleep_until(clock.now() + remaining)))
-    if spec.override and override_finish is not None:
-        waiters.append(_task(override_finish.wait()))
     done = await _first(*waiters)
     if canceller in done:
         log.debug("testexec %s: cancelled", jobid)

@@ -164,6 +164,42 @@ async def test_out_of_range_rank_is_rejected(server3: LocalBarrierServer, rank: 
     assert server3.entered == []
 
 
+async def test_ranks_with_an_offset(sock_dir: str, clock: FakeClock) -> None:
+    """A node other than a job's first runs ranks 4..5, not 0..1 (issue 10)."""
+    srv = LocalBarrierServer(f"{sock_dir}/b.sock", 2, timeout=2.0, clock=clock, first_rank=4)
+    await srv.start()
+    try:
+        assert srv.waiting == [4, 5]
+        with pytest.raises(BarrierError, match=r"rank 0 out of range \(ranks 4-5\)"):
+            await asyncio.wait_for(enter(srv, 0), 10)
+        with pytest.raises(BarrierError, match="rank 6 out of range"):
+            await asyncio.wait_for(enter(srv, 6), 10)
+        first = enter(srv, 5)
+        await until(lambda: srv.entered == [5], "rank 5 entered")
+        assert srv.waiting == [4]
+        await asyncio.wait_for(asyncio.gather(first, enter(srv, 4)), 10)
+        await asyncio.wait_for(srv.wait(), 10)
+    finally:
+        await srv.close()
+
+
+async def test_timeout_names_the_offset_ranks(sock_dir: str, clock: FakeClock) -> None:
+    srv = LocalBarrierServer(f"{sock_dir}/b.sock", 3, timeout=2.0, clock=clock, first_rank=8)
+    await srv.start()
+    try:
+        waiter = asyncio.ensure_future(srv.wait())
+        entered = enter(srv, 9)
+        await until(lambda: srv.entered == [9], "rank 9 entered")
+        clock.advance(2.0)
+        with pytest.raises(BarrierTimeout) as info:
+            await asyncio.wait_for(waiter, 10)
+        assert info.value.waiting == [8, 10]
+        with pytest.raises(BarrierError):
+            await asyncio.wait_for(entered, 10)
+    finally:
+        await srv.close()
+
+
 async def test_negative_rank_is_rejected_by_the_client(server3: LocalBarrierServer) -> None:
     with pytest.raises(BarrierError, match="must be >= 0"):
         await enter(server3, -1)

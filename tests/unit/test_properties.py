@@ -11,6 +11,7 @@ from sdexec.properties import (
     collect_properties,
     convert_properties,
     cpuset_bitmap,
+    dbus_problem,
     is_protected,
 )
 
@@ -63,7 +64,7 @@ def test_cpu_bitmap_matches_systemd_layout(cpus: set[int]) -> None:
 def test_other_reference_conversions() -> None:
     assert one("OOMScoreAdjust", "-500") == UnitProperty("OOMScoreAdjust", "i", -500)
     assert one("DeviceAllow", "/dev/nvidiactl rw, /dev/nvidia0 rwm") == UnitProperty(
-        "DeviceAllow", "a(ss)", (("/dev/nvidiactl", "rw"), ("/dev/nvidia0", "rwm"))
+        "DeviceAllow", "a(ss)", [["/dev/nvidiactl", "rw"], ["/dev/nvidia0", "rwm"]]
     )
     assert one("MemorySwapMax", "1G") == UnitProperty("MemorySwapMax", "t", 1024**3)
 
@@ -164,3 +165,90 @@ def test_tasks_max() -> None:
     for bad in ("0", "-1", "lots", "50%"):
         with pytest.raises(ValueError, match="task count"):
             convert_one("TasksMax", bad)
+
+
+# One example of every converted property, as a site writes it, and what systemd must read
+# (dbus-fast hands structs back as tuples). The Memory*Scale forms come from percentages.
+MARSHAL_CASES = [
+    ("DeviceAllow", "/dev/null rw, char-pts rwm", "DeviceAllow", "a(ss)",
+     [("/dev/null", "rw"), ("char-pts", "rwm")]),
+    ("AllowedCPUs", "0-1,9", "AllowedCPUs", "ay", bytes([0b11, 0b10])),
+    ("AllowedMemoryNodes", "0", "AllowedMemoryNodes", "ay", bytes([1])),
+    ("OOMScoreAdjust", "-1000", "OOMScoreAdjust", "i", -1000),
+    ("TasksMax", "infinity", "TasksMax", "t", 2**64 - 1),
+    ("SendSIGKILL", "no", "SendSIGKILL", "b", False),
+    ("TimeoutStopUSec", "90000000", "TimeoutStopUSec", "t", 90000000),
+    ("MemorySwapMax", "0", "MemorySwapMax", "t", 0),
+    ("MemoryMax", "512M", "MemoryMax", "t", 512 * 1024**2),
+    ("MemoryMax", "90%", "MemoryMaxScale", "u", 3865470565),
+    ("MemoryHigh", "100%", "MemoryHighScale", "u", 2**32 - 1),
+    ("MemoryMin", "0%", "MemoryMinScale", "u", 0),
+    ("MemoryLow", "50%", "MemoryLowScale", "u", 2**31 - 1),  # floored, as Flux does
+    ("MemorySwapMax", "25%", "MemorySwapMaxScale", "u", 2**30 - 1),
+]  # fmt: skip
+
+
+def _start_transient_unit(props: list[UnitProperty]) -> bytes:
+    """The bytes of the StartTransientUnit call the launcher sends, with these properties."""
+    from dbus_fast import Message, Variant
+
+    return Message(
+        destination="org.freedesktop.systemd1",
+        path="/org/freedesktop/systemd1",
+        interface="org.freedesktop.systemd1.Manager",
+        member="StartTransientUnit",
+        signature="ssa(sv)a(sa(sv))",
+        body=["x.service", "fail", [[p.name, Variant(p.signature, p.value)] for p in props], []],
+    )._marshall(False)
+
+
+def test_marshal_cases_cover_every_converted_property() -> None:
+    assert {case[0] for case in MARSHAL_CASES} == SUPPORTED_PROPERTIES
+    scales = {f"{name}Scale" for name in ("MemoryMax", "MemoryHigh", "MemoryMin", "MemoryLow")}
+    assert scales <= {case[2] for case in MARSHAL_CASES}
+
+
+@pytest.mark.parametrize(("name", "text", "sent", "sig", "decoded"), MARSHAL_CASES)
+def test_every_converted_property_marshals(
+    name: str, text: str, sent: str, sig: str, decoded: object
+) -> None:
+    """What config load accepts, dbus-fast can send, and systemd reads what was meant."""
+    import io
+
+    from dbus_fast._private.unmarshaller import Unmarshaller
+
+    prop = one(name, text)
+    assert (prop.name, prop.signature) == (sent, sig)
+    msg = Unmarshaller(io.BytesIO(_start_transient_unit([prop]))).unmarshall()
+    assert msg is not None
+    ((got_name, variant),) = msg.body[2]
+    assert (got_name, variant.signature, variant.value) == (sent, sig, decoded)
+
+
+def test_all_converted_properties_marshal_together() -> None:
+    props = [one(name, text) for name, text, *_ in MARSHAL_CASES]
+    assert len(_start_transient_unit(props)) > 0
+
+
+def test_dbus_problem_names_what_dbus_refuses() -> None:
+    # the value DeviceAllow had before issue 10: tuples, which dbus-fast refuses for "a"
+    problem = dbus_problem("DeviceAllow", "a(ss)", (("/dev/null", "rw"),))
+    assert problem is not None and problem.startswith("cannot be sent to systemd as D-Bus 'a(ss)'")
+    assert "\n" not in problem
+    assert dbus_problem("OOMScoreAdjust", "i", 2**40) is not None
+    assert dbus_problem("DeviceAllow", "a(ss)", [["/dev/null", "rw"]]) is None
+
+
+def test_unmarshallable_value_refused_at_config_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A converter that produced a value D-Bus cannot carry is a config error, not a crash."""
+    from sdexec import properties
+
+    monkeypatch.setattr(
+        properties, "_device_allow", lambda value: (("/dev/null", "rw"),)
+    )  # the pre-fix form
+    props, errors = collect_properties({"DeviceAllow": "/dev/null rw", "MemoryMax": "1G"})
+    assert [p.name for p in props] == ["MemoryMax"]
+    assert len(errors) == 1
+    assert str(errors[0]).startswith(
+        "exec.sdexec-properties.DeviceAllow: cannot be sent to systemd as D-Bus 'a(ss)'"
+    )

@@ -84,3 +84,12 @@ def test_programs_are_resolved_like_a_shell(tmp_path: Path) -> None:
             resolve_program(str(tool), env, "/")
     with pytest.raises(CommandNotExecutable):
         resolve_program(str(tmp_path), env, "/")
+
+
+def test_applied_as_systemd_reads_them_back() -> None:
+    """DeviceAllow comes back as tuples, a CPU set padded to whole words (issue 10)."""
+    wanted = [("DeviceAllow", "a(ss)", [["/dev/null", "rw"]]), ("AllowedCPUs", "ay", b"\x01")]
+    got = {"DeviceAllow": [("/dev/null", "rw")], "AllowedCPUs": b"\x01" + bytes(7)}
+    assert verify_applied(wanted, got) == []
+    problems = verify_applied(wanted, {"DeviceAllow": [], "AllowedCPUs": b"\x03" + bytes(7)})
+    assert [p.split("=")[0] for p in problems] == ["DeviceAllow", "AllowedCPUs"]

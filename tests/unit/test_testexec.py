@@ -32,30 +32,38 @@ def test_no_test_attribute_means_no_testexec() -> None:
 
 def test_bare_attribute_enables_with_defaults() -> None:
     s = TestexecSpec.from_attrs({P: "1"})
-    assert s == TestexecSpec(None, 0, None, False, False)
+    assert s == TestexecSpec(None, 0, None)
 
 
 def test_all_keys_parse() -> None:
-    s = spec(
-        run_duration="1.5m",
-        wait_status="3",
-        mock_exception="run",
-        override="true",
-        reattach_finish="1",
-    )
-    assert s == TestexecSpec(
-        run_duration=90.0, wait_status=3, mock_exception="run", override=True, reattach_finish=True
-    )
+    s = spec(run_duration="1.5m", wait_status="3", mock_exception="run")
+    assert s == TestexecSpec(run_duration=90.0, wait_status=3, mock_exception="run")
 
 
 def test_json_table_in_the_bare_attribute() -> None:
     s = TestexecSpec.from_attrs(
-        {
-            P: '{"run_duration": "2s", "override": 1, "reattach_finish": false}',
-            f"{P}.wait_status": "9",
-        }
+        {P: '{"run_duration": "2s", "mock_exception": "init"}', f"{P}.wait_status": "9"}
     )
-    assert s == TestexecSpec(2.0, 9, None, True, False)
+    assert s == TestexecSpec(2.0, 9, "init")
+
+
+@pytest.mark.parametrize(
+    ("attrs", "key"),
+    [
+        ({f"{P}.override": "1"}, "override"),
+        ({f"{P}.override": "0"}, "override"),
+        ({P: '{"override": 1}'}, "override"),
+        ({f"{P}.reattach_finish": "true"}, "reattach_finish"),
+    ],
+)
+def test_override_and_reattach_finish_are_refused(attrs: dict[str, str], key: str) -> None:
+    """Nothing could start an override job (issue 10: it hung); say so in one line."""
+    with pytest.raises(UsageError) as info:
+        TestexecSpec.from_attrs(attrs)
+    message = str(info.value)
+    assert message.startswith(f"{P}.{key}: not supported: ")
+    assert "\n" not in message
+    assert info.value.exit_code == 2
 
 
 @pytest.mark.parametrize(
@@ -67,8 +75,6 @@ def test_json_table_in_the_bare_attribute() -> None:
         ("wait_status", "256", "system.exec.test.wait_status: '256' is not an exit code"),
         ("wait_status", "-1", "system.exec.test.wait_status: '-1' is not an exit code"),
         ("mock_exception", "exit", f"{P}.mock_exception: 'exit' is not a phase (init or run)"),
-        ("override", "maybe", 'system.exec.test.override: "maybe" is not a boolean'),
-        ("reattach_finish", "2", 'system.exec.test.reattach_finish: "2" is not a boolean'),
     ],
 )
 def test_bad_values_name_the_attribute(key: str, value: str, expected: str) -> None:
@@ -205,84 +211,23 @@ async def test_mock_run_exception_after_start() -> None:
     assert started == [True]
 
 
-async def test_override_waits_for_the_start_signal() -> None:
-    clock = FakeClock()
-    go = asyncio.Event()
-    started: list[float] = []
-    job = asyncio.ensure_future(
-        run_testexec(
-            spec(override="1", run_duration="5s"),
-            jobid="j",
-            clock=clock,
-            override_start=go,
-            on_start=lambda: started.append(clock.now()),
-        )
-    )
-    for _ in range(20):
+async def test_simulated_job_publishes_its_start() -> None:
+    """on_start reaches the job: its record says started before the run ends (issue 10)."""
+    from sdexec.jobexec import SimulatedJob
+
+    clock = FakeClock(auto_advance=False)
+    seen: list[tuple[bool, bool]] = []
+    job = SimulatedJob(
+        "j", "testexec-0-j", clock=clock, eof_timeout=0,
+        on_update=lambda j: seen.append((j.stats()["started"], j.running)),
+    )  # fmt: skip
+    assert not job.stats()["started"]
+    job.spawn(job.run(spec(run_duration="5s", wait_status="3"), None))
+    for _ in range(50):
+        if seen:
+            break
         await asyncio.sleep(0)
-    assert started == []
-    go.set()
-    assert await asyncio.wait_for(job, 10) == 0
-    assert started == [0.0]
-    assert clock.now() == 5.0
-
-
-async def test_override_cancelled_before_start() -> None:
-    cancel = asyncio.Event()
-    started: list[bool] = []
-    job = asyncio.ensure_future(
-        run_testexec(
-            spec(override="1"),
-            jobid="j",
-            clock=FakeClock(),
-            cancelled=cancel,
-            on_start=lambda: started.append(True),
-        )
-    )
-    await asyncio.sleep(0)
-    cancel.set()
-    assert await asyncio.wait_for(job, 10) == 15
-    assert started == []
-
-
-async def test_override_finish_ends_an_unlimited_job() -> None:
-    go, finish = asyncio.Event(), asyncio.Event()
-    go.set()
-    job = asyncio.ensure_future(
-        run_testexec(
-            spec(override="1", run_duration="0", wait_status="4"),
-            jobid="j",
-            clock=FakeClock(),
-            override_start=go,
-            override_finish=finish,
-        )
-    )
-    for _ in range(20):
-        await asyncio.sleep(0)
-    assert not job.done()
-    finish.set()
-    assert await asyncio.wait_for(job, 10) == 4 << 8
-
-
-async def test_reattach_runs_only_the_remaining_time() -> None:
-    clock = FakeClock()
-    status = await run_testexec(
-        spec(run_duration="10s", override="1"), jobid="j", clock=clock, reattach_elapsed=4.0
-    )
-    assert status == 0
-    assert clock.now() == 6.0  # and override does not wait again on reattach
-    clock2 = FakeClock()
-    await run_testexec(spec(run_duration="10s"), jobid="j", clock=clock2, reattach_elapsed=40.0)
-    assert clock2.now() == 0.0
-
-
-async def test_reattach_finish_finishes_at_once() -> None:
-    clock = FakeClock()
-    status = await run_testexec(
-        spec(run_duration="0", reattach_finish="true", wait_status="2"),
-        jobid="j",
-        clock=clock,
-        reattach_elapsed=1.0,
-    )
-    assert status == 2 << 8
-    assert clock.now() == 0.0
+    assert seen == [(True, True)]
+    clock.advance(5.0)
+    assert await asyncio.wait_for(job.wait(), 10) == 3
+    assert seen[-1] == (True, False)
