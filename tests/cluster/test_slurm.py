@@ -54,9 +54,12 @@ def test_each_node_runs_the_step_in_a_unit_named_for_the_job() -> None:
 
 
 def test_statuses_reach_srun() -> None:
-    assert srun("-N2 sdexec run -- true").returncode == 0
-    assert srun("-N2 sdexec run -- sh -c 'exit 3'").returncode == 3
-    killed = srun("-N2 sdexec run -- sh -c 'kill -KILL $$'")
+    # --kill-on-bad-exit=0: each task ends by itself (with the cluster's KillOnBadExit=1 the
+    # first to fail would get the other one's client terminated: 143 from a slower node)
+    step = "-N2 --kill-on-bad-exit=0 sdexec run --"
+    assert srun(f"{step} true").returncode == 0
+    assert srun(f"{step} sh -c 'exit 3'").returncode == 3
+    killed = srun(f"{step} sh -c 'kill -KILL $$'")
     assert killed.returncode == 137, killed.stderr
 
 
