@@ -191,7 +191,8 @@ async def lib_worker(args: argparse.Namespace, prefix: str, out: dict[str, Any])
             )
         out["end_seconds"] = rnd(time.monotonic() - t0)
         out["returncodes"] = codes
-        out["bus_reconnects"] = getattr(mgr, "reconnects", None)
+        # systemd leaving the bus (re-exec) counts too: "stayed on the bus" means neither
+        out["bus_reconnects"] = getattr(mgr, "reconnects", 0) + getattr(mgr, "reregistrations", 0)
         errs = [j.error for j in jobs if j.error]
         if errs:
             out["job_errors"] = error_summary([RuntimeError(e) for e in errs])

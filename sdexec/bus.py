@@ -36,6 +36,8 @@ PROPS_IFACE = "org.freedesktop.DBus.Properties"
 DBUS = "org.freedesktop.DBus"
 MAX_IN_FLIGHT = 64
 RETRY_FOR = 60.0
+CONNECT_TIMEOUT = 5.0
+"""Bound on one connection attempt (connect, Hello, matches, Subscribe): then a new one."""
 TRANSIENT_ERRORS = frozenset(
     {
         "org.freedesktop.DBus.Error.NoReply",
@@ -123,6 +125,13 @@ class Manager:
         self._connected = asyncio.Event()
         self._watch_task: asyncio.Task[None] | None = None
         self.reconnects = 0
+        """Bus connections made again after a drop."""
+        self.reregistrations = 0
+        """Times systemd (re)registered on the bus under us (re-exec, or back after a bus
+        restart): each a re-subscribe and re-read, but not a reconnect of ours."""
+        self.generation = 0
+        """Bumped, as soon as it is known, whenever signals may have been lost: the bus
+        dropped, or systemd re-registered on it (re-exec). A start compares it."""
         self._bg: set[asyncio.Task[None]] = set()
 
     # --- connection -------------------------------------------------------------------------
@@ -132,34 +141,56 @@ class Manager:
         self._watch_task = asyncio.create_task(self._watch(), name="sdexec-bus-watch")
 
     async def _connect_once(self) -> None:
+        """One connection attempt, bounded by CONNECT_TIMEOUT: while dbus-daemon restarts, a
+        connect can be accepted and then never answered (issue 9, H5); the caller retries."""
+        which = "user" if self.user else "system"
         try:
-            if self.user:
-                bus = MessageBus(bus_address=_user_bus_address(), negotiate_unix_fd=True)
-            else:
-                bus = MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True)
+            await asyncio.wait_for(self._connect_attempt(), CONNECT_TIMEOUT)
+        except TimeoutError:
+            raise LaunchError(
+                f"cannot connect to the {which} bus: no answer within {CONNECT_TIMEOUT:g}s"
+            ) from None
+        except LaunchError:
+            raise
+        except Exception as e:  # AuthError, EOF in the handshake...: all worth a retry
+            raise LaunchError(f"cannot connect to the {which} bus: {e!r}") from e
+
+    async def _connect_attempt(self) -> None:
+        if self.user:
+            bus = MessageBus(bus_address=_user_bus_address(), negotiate_unix_fd=True)
+        else:
+            bus = MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True)
+        try:
             await bus.connect()
         except (OSError, DBusError, EOFError) as e:
             which = "user" if self.user else "system"
             raise LaunchError(f"cannot connect to the {which} bus: {e}") from e
-        bus.add_message_handler(self._on_message)
-        self._bus = bus
-        # Signals before Subscribe are not sent (moonshine #124); matches before any start.
-        # The calls are independent: sent together, they cost one round trip, not three.
-        self._matched.clear()  # a new connection has none of the old rules
-        self._namespace_match = False
-        await asyncio.gather(
-            self._add_match(
-                f"type='signal',sender='{SYSTEMD}',path='{MANAGER_PATH}',"
-                f"interface='{MANAGER_IFACE}',member='JobRemoved'"
-            ),
-            self._add_match(
-                f"type='signal',sender='{DBUS}',interface='{DBUS}',member='NameOwnerChanged',"
-                f"arg0='{SYSTEMD}'"
-            ),
-            self._call_on(bus, "Subscribe", "", ()),
-        )
-        for path in list(self._props_handlers):
-            await self._match_unit(path)
+        try:
+            bus.add_message_handler(self._on_message)
+            self._bus = bus
+            # Signals before Subscribe are not sent (moonshine #124); matches before any start.
+            # The calls are independent: sent together, they cost one round trip, not three.
+            self._matched.clear()  # a new connection has none of the old rules
+            self._namespace_match = False
+            await asyncio.gather(
+                self._add_match(
+                    f"type='signal',sender='{SYSTEMD}',path='{MANAGER_PATH}',"
+                    f"interface='{MANAGER_IFACE}',member='JobRemoved'"
+                ),
+                self._add_match(
+                    f"type='signal',sender='{DBUS}',interface='{DBUS}',member='NameOwnerChanged',"
+                    f"arg0='{SYSTEMD}'"
+                ),
+                self._call_on(bus, "Subscribe", "", ()),
+            )
+            for path in list(self._props_handlers):
+                await self._match_unit(path)
+        except BaseException:
+            # a half-made connection is dropped, never kept (nor its socket leaked)
+            if self._bus is bus:
+                self._bus = None
+            bus.disconnect()
+            raise
         self._connected.set()
 
     async def _watch(self) -> None:
@@ -175,6 +206,7 @@ class Manager:
             if self._closing:
                 return
             self._connected.clear()
+            self.generation += 1
             log.warning("lost the connection to the bus; reconnecting")
             delay = 0.05
             while not self._closing:
@@ -265,6 +297,10 @@ class Manager:
             unix_fds=list(unix_fds),
         )
         async with self._slots:
+            if not bus.connected:
+                # dbus-fast would write to the closed socket and never answer: fail now, the
+                # caller waits for the reconnect (or retries)
+                raise LaunchError(f"{member}: the bus connection is closed")
             try:
                 reply = await bus.call(msg)
             except (OSError, EOFError) as e:
@@ -339,9 +375,24 @@ class Manager:
     # --- signals ----------------------------------------------------------------------------
 
     async def watch_unit(self, path: str, handler: PropsHandler, keys: PropsFilter = None) -> None:
-        """Route ``PropertiesChanged`` of one unit to ``handler``; installed before any start."""
+        """Route ``PropertiesChanged`` of one unit to ``handler``; installed before any start.
+
+        During a reconnect the rule is left to it (it adds one for every watched unit); a
+        connection that drops under the AddMatch is waited out the same way.
+        """
         self._props_handlers[path] = (handler, keys)
-        await self._match_unit(path)
+        while True:
+            if not self._connected.is_set():
+                await self._connected.wait()
+            bus = self._bus
+            try:
+                await self._match_unit(path)
+                return
+            except LaunchError:
+                if self._closing or (self._bus is bus and bus is not None and bus.connected):
+                    raise  # refused by a live bus: a real error
+                log.debug("%s: the bus dropped under AddMatch; after the reconnect again", path)
+                await asyncio.sleep(0.01)  # the watcher has to notice the drop first
 
     @staticmethod
     def _unit_rule(path: str) -> str:
@@ -433,6 +484,7 @@ class Manager:
         ):
             # systemd re-executed (or restarted): it forgot our subscription and we may
             # have missed signals in between.
+            self.generation += 1
             log.info("systemd (re)registered on the bus; re-subscribing and re-reading units")
             task = asyncio.get_running_loop().create_task(self._after_reexec())
             self._bg.add(task)
@@ -446,5 +498,5 @@ class Manager:
                 log.warning("re-subscribe after re-exec failed: %s", e)
         except LaunchError as e:
             log.warning("re-subscribe after re-exec failed: %s", e)
-        self.reconnects += 1
+        self.reregistrations += 1
         await self._resync()

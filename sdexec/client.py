@@ -11,6 +11,7 @@ server, runs in-process as before (``sdexec.cli``).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -55,14 +56,52 @@ def wants_server(argv: Sequence[str]) -> bool:
     return True
 
 
-def _connect(path: str) -> socket.socket | None:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        sock.connect(path)
-    except OSError:  # no server (or not ours to use): run in-process
-        sock.close()
-        return None
-    return sock
+CONNECT_PATIENCE = 30.0
+"""How long a client waits for room in the server's listen queue (EAGAIN) before 125."""
+_NO_SERVER = frozenset({errno.ENOENT, errno.ECONNREFUSED, errno.ENOTDIR})
+
+
+class ServerUnreachable(Exception):
+    """A server is there but cannot take us (queue full for too long, not ours to use): 125."""
+
+
+def _connect(path: str, patience: float | None = None) -> socket.socket | None:
+    """A connection to the server, or None when there is none (the caller runs in-process).
+
+    Only "no server" (no socket, nobody listening) falls back to in-process: a server whose
+    listen queue is full (EAGAIN: a burst of clients) is waited for, with back-off, up to
+    ``patience`` seconds; anything else is ServerUnreachable. Running in-process behind a
+    busy server's back would double the load it cannot take, and a non-root user cannot
+    run in-process at all.
+    """
+    patience = CONNECT_PATIENCE if patience is None else patience
+    deadline = time.monotonic() + patience
+    delay = 0.005
+    while True:
+        sock = socket.socket(
+            socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+        )
+        try:
+            sock.connect(path)  # AF_UNIX: done at once, or EAGAIN when the queue is full
+        except OSError as e:
+            sock.close()
+            if e.errno in _NO_SERVER:
+                return None
+            if e.errno not in (errno.EAGAIN, errno.EINTR):
+                raise ServerUnreachable(
+                    f"cannot reach the sdexec server at {path}: {e.strerror}"
+                ) from None
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ServerUnreachable(
+                    f"the sdexec server at {path} is busy (its listen queue stayed full for "
+                    f"{patience:g}s); retry later"
+                ) from None
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.5)
+            continue
+        sock.setblocking(True)
+        return sock
 
 
 def _options(argv: Sequence[str]) -> Sequence[str]:
@@ -116,10 +155,15 @@ def run_via_server(argv: Sequence[str]) -> int | None:
     """The exit code, or None when there is no server (the caller runs in-process)."""
     if argv[0] == "attach":
         return attach_via_server(argv)
-    sock = _connect(socket_path("--user" in _options(argv)))
+    try:
+        sock = _connect(socket_path("--user" in _options(argv)))
+    except ServerUnreachable as e:
+        sys.stderr.write(f"sdexec: {e}\n")
+        return 125
     if sock is None:
         return None
     accepted: str | None = None
+    send_error: OSError | None = None
     with sock:
         request: dict[str, object] = {
             "op": "run", "argv": list(argv[1:]), "env": dict(os.environ), "cwd": os.getcwd()
@@ -133,8 +177,9 @@ def run_via_server(argv: Sequence[str]) -> int | None:
         try:
             socket.send_fds(sock, [data], fds)
         except OSError as e:
-            sys.stderr.write(f"sdexec: could not hand the job to the sdexec server: {e}\n")
-            return 125
+            # refused at accept (busy) and closed before our request: its one-line answer
+            # may still be there to read
+            send_error = e
 
         def cancel(signum: int, _frame: FrameType | None) -> None:
             try:
@@ -153,6 +198,9 @@ def run_via_server(argv: Sequence[str]) -> int | None:
                     return code
         except _Lost:
             pass
+    if send_error is not None:
+        sys.stderr.write(f"sdexec: could not hand the job to the sdexec server: {send_error}\n")
+        return 125
     if accepted is None:
         # The server answers "accepted" before it starts anything: without it, nothing ran.
         sys.stderr.write(
@@ -198,7 +246,11 @@ def attach_via_server(argv: Sequence[str]) -> int | None:
 
 
 def _connect_quiet(path: str) -> bool:
-    sock = _connect(path)
+    try:
+        sock = _connect(path)
+    except ServerUnreachable:
+        return True  # there is a server: _reattach waits for it
+
     if sock is None:
         return False
     sock.close()
@@ -207,7 +259,10 @@ def _connect_quiet(path: str) -> bool:
 
 def _reattach(path: str, jobid: str, json_out: bool) -> int:
     for delay in (0.1, 0.2, 0.5, 1, 2, 5, 10):
-        sock = _connect(path)
+        try:
+            sock = _connect(path)
+        except ServerUnreachable:
+            sock = None
         if sock is None:
             time.sleep(delay)
             continue

@@ -76,6 +76,9 @@ SDEXEC_KEYS = (
     "allow-properties",
     "stdio-eof-timeout",
     "start-timeout",
+    "max-connections",
+    "max-connections-per-user",
+    "request-timeout",
     "guest-credentials",
     "allocation-memory",
 )
@@ -83,6 +86,8 @@ GUEST_CREDENTIALS = ("imp", "systemd")
 MAX_CONFIG_BYTES = 1 << 20
 """A config file is a few KiB: a bigger one (or /dev/zero) is a mistake, not something to read."""
 TESTEXEC_KEYS = ("allow-guests",)
+MAX_CONNECTIONS = 1 << 18
+"""A quarter of Linux's largest descriptor table (fs.nr_open's ceiling is 2**20)."""
 OUR_TABLES = ("exec", "sdexec")
 # Flux's own tables: never mistaken for a misspelt [exec] even if they look alike.
 FLUX_TABLES = frozenset(
@@ -125,6 +130,9 @@ class SiteConfig:
     allow_properties: tuple[str, ...] = ()
     stdio_eof_timeout: float = 10.0
     start_timeout: float = 30.0
+    max_connections: int = 4096
+    max_connections_per_user: int = 256
+    request_timeout: float = 10.0
     # How a guest's job gets the guest's credentials: through exec.imp (the reference's only
     # way), or from systemd itself (the unit's User=/Group=/SupplementaryGroups=; a root
     # launcher on the system manager), where systemd drops privileges before chdir and exec.
@@ -215,6 +223,9 @@ class ExecConfig:
             sd["allow-properties"] = list(site.allow_properties)
         sd["stdio-eof-timeout"] = format_fsd(site.stdio_eof_timeout)
         sd["start-timeout"] = format_fsd(site.start_timeout)
+        sd["max-connections"] = site.max_connections
+        sd["max-connections-per-user"] = site.max_connections_per_user
+        sd["request-timeout"] = format_fsd(site.request_timeout)
         sd["guest-credentials"] = site.guest_credentials
         if site.allocation_memory:
             sd["allocation-memory"] = True
@@ -417,7 +428,26 @@ def _parse_site(data: Mapping[str, Any], c: _Checker) -> SiteConfig:
         sd, (*P, "start-timeout"), defaults.start_timeout, positive=True, finite=True,
         example="30s",
     )  # fmt: skip
-    assert stdio is not None and start is not None
+    request = c.duration(
+        sd, (*P, "request-timeout"), defaults.request_timeout, positive=True, finite=True,
+        example="10s",
+    )  # fmt: skip
+    assert stdio is not None and start is not None and request is not None
+    total = c.count(sd, (*P, "max-connections"), defaults.max_connections)
+    if total > MAX_CONNECTIONS:  # each needs a descriptor: no more than the kernel could give
+        c.error(
+            (*P, "max-connections"),
+            f"{total} is too large (accepted: an integer from 1 to {MAX_CONNECTIONS})",
+        )
+        total = defaults.max_connections
+    per_user = c.count(sd, (*P, "max-connections-per-user"), defaults.max_connections_per_user)
+    if per_user > total:
+        c.error(
+            (*P, "max-connections-per-user"),
+            f"{per_user} is more than max-connections ({total}); "
+            f"accepted: an integer from 1 to {total}",
+        )
+        per_user = total
     guest_credentials = sd.get("guest-credentials", defaults.guest_credentials)
     if guest_credentials not in GUEST_CREDENTIALS:
         c.error(
@@ -434,6 +464,9 @@ def _parse_site(data: Mapping[str, Any], c: _Checker) -> SiteConfig:
         allow_properties=tuple(allow),
         stdio_eof_timeout=stdio,
         start_timeout=start,
+        max_connections=total,
+        max_connections_per_user=per_user,
+        request_timeout=request,
         allocation_memory=c.boolean(sd, (*P, "allocation-memory"), defaults.allocation_memory),
     )
 

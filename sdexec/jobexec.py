@@ -770,13 +770,18 @@ async def attach_job(
             job = await launcher.adopt(
                 jobid, rec.unit, on_drain=on_drain, on_update=_publisher(db, rec.jobid, rec.rank)
             )
-            if rec.state == "starting" and not job.running and job.wait_status is None:
+            log.info("attached to %s (%s)", rec.unit, job.state.active_state or "gone")
+            shell: BaseJob = job
+            if not job.running and job.wait_status is None and rec.exit_status is not None:
+                # the unit is gone, but its exit was recorded first (the launcher records
+                # the status, then stops the unit; it died in between): that is the status
+                shell = RecordedJob(rec)
+            elif rec.state == "starting" and not job.running and job.wait_status is None:
                 # the launcher died between the record and the unit: the job never ran
                 job.error = f"job {jobid} was not started (its launcher stopped before the unit)"
-            log.info("attached to %s (%s)", rec.unit, job.state.active_state or "gone")
-            handle.jobs.append(job)
+            handle.jobs.append(shell)
             handle.cleanup.append(
-                lambda j=job, r=rec: _finish_record(handle, db, j, r.jobid, r.rank)
+                lambda j=shell, r=rec: _finish_record(handle, db, j, r.jobid, r.rank)
             )
     except BaseException:
         await handle.close()

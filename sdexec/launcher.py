@@ -25,7 +25,7 @@ from typing import Any
 from dbus_fast import Variant
 
 from . import unitstate as us
-from .bus import BusCallError, Manager
+from .bus import RETRY_FOR, TRANSIENT_ERRORS, BusCallError, Manager
 from .cgroup import cgroup_pids, kill_cgroup, unit_cgroup_dir
 from .channel import DEVNULL, PIPE, Channels
 from .clock import Clock, MonotonicClock
@@ -56,6 +56,13 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DEVNULL", "PIPE", "Job", "JobSpec", "Launcher"]
 
+COLLECT_WAITS = 50
+"""Tenths of a second to wait for systemd to collect the dead unit of a dropped start."""
+START_ATTEMPTS = 3
+"""Starts of one unit when systemd lost the earlier ones (re-exec, bus restart)."""
+START_PROPERTIES = us.STATE_PROPERTIES | {"Job"}
+"""A starting unit's state, and whether its start job is still queued (``Job`` = (0, "/"))."""
+
 
 @dataclass
 class JobSpec:
@@ -75,6 +82,20 @@ class JobSpec:
     keep_failed_unit: bool = False
     description: str | None = None
     memory_max: int | None = None  # bytes (a resource manager's allocation), capped by the site's
+
+
+def _start_pending(props: Mapping[str, Any]) -> bool:
+    pending = props.get("Job")
+    return isinstance(pending, (list, tuple)) and bool(pending) and bool(pending[0])
+
+
+def _never_ran(props: Mapping[str, Any]) -> bool:
+    """The unit has not run its program and is not failed: a start job systemd dropped."""
+    return (
+        props.get("ActiveState") == "inactive"
+        and not int(props.get("ExecMainPID", 0) or 0)
+        and not int(props.get("ExecMainCode", 0) or 0)
+    )
 
 
 class Job(BaseJob):
@@ -281,6 +302,9 @@ class Launcher:
         self.on_drain = on_drain
         self.on_update = on_update
         self._job_waiters: dict[str, asyncio.Future[str]] = {}
+        self._created: set[str] = set()  # units whose StartTransientUnit went through
+        self._start_jobs: dict[str, str] = {}  # unit -> its start job (while start() waits)
+        self._stale_jobs: set[str] = set()  # start jobs of attempts given up: JobRemoved ignored
         self._exec_start_ex = True
 
     async def __aenter__(self) -> Launcher:
@@ -413,21 +437,45 @@ class Launcher:
             # waiting for EOF on them) before StartTransientUnit even returns.
             job.stdin, job.stdout, job.stderr = await channels.open_streams()
             await self.manager.watch_unit(path, job.on_props, us.STATE_PROPERTIES)
-            await self._start_unit(plan, channels, job)
-            started = True
-            channels.close_remote()
             timeout = self.config.sdexec.start_timeout
-            try:
-                result = await asyncio.wait_for(asyncio.shield(removed), timeout)
-            except TimeoutError:
-                raise LaunchError(
-                    f"job {spec.jobid}: systemd did not start {plan.name} within {timeout:g}s"
-                ) from None
-            if result != "done" or job.state.phase is us.Phase.NEW:
-                # The signals (subscribed before the start) normally told us everything;
-                # read the unit only when they did not. Reading all its ~400 properties for
-                # every job costs systemd a third more work per job.
-                job.on_props(path, await self.manager.get_all(path, keys=us.STATE_PROPERTIES))
+            for attempt in range(1, START_ATTEMPTS + 1):
+                generation = self.manager.generation
+                await self._start_unit(plan, channels, job, again=attempt > 1)
+                started = True
+                try:
+                    result = await asyncio.wait_for(asyncio.shield(removed), timeout)
+                except TimeoutError:
+                    raise LaunchError(
+                        f"job {spec.jobid}: systemd did not start {plan.name} within {timeout:g}s"
+                    ) from None
+                if result != "done" or job.state.phase is us.Phase.NEW:
+                    # The signals (subscribed before the start) normally told us everything;
+                    # read the unit only when they did not. Reading all its ~400 properties
+                    # for every job costs systemd a third more work per job.
+                    job.on_props(path, await self.manager.get_all(path, keys=us.STATE_PROPERTIES))
+                if (
+                    result == "done"
+                    or attempt == START_ATTEMPTS
+                    or self.manager.generation == generation
+                    or not _never_ran(job.state.props)
+                ):
+                    break
+                # A start job queued across a daemon-reexec can fail with nothing run (the
+                # unit inactive, Result=success): systemd lost it, not the job. Once more,
+                # with the same stdio (still ours: close_remote() comes after).
+                log.info(
+                    "%s: start job %s across a systemd re-exec or bus reconnect and nothing "
+                    "ran; starting it again", plan.name, result,
+                )  # fmt: skip
+                removed = self._job_waiters[plan.name] = loop.create_future()
+                self._created.discard(plan.name)
+                stale = self._start_jobs.pop(plan.name, None)
+                if stale is not None:
+                    self._stale_jobs.add(stale)
+                job.state = us.UnitState(plan.name)
+                started = False
+                await self.reset_failed(plan.name)
+            channels.close_remote()
             if result != "done":
                 # A program that exits at once can fail the start job of a Type=exec
                 # unit: that is a run, not a failure to start, unless systemd says exec failed.
@@ -444,13 +492,18 @@ class Launcher:
                 raise LaunchError(f"job {spec.jobid}: {'; '.join(problems)}")
         except BaseException:
             self._job_waiters.pop(plan.name, None)
+            self._created.discard(plan.name)
+            self._start_jobs.pop(plan.name, None)
             channels.close()
             if started:
-                await self.stop_unit(job.unit)
+                # "replace": a start job still queued is cancelled, not left to run untracked
+                await self.stop_unit(job.unit, mode="replace")
                 await self.reset_failed(plan.name)
             await self.forget(job)
             raise
         self._job_waiters.pop(plan.name, None)
+        self._created.discard(plan.name)
+        self._start_jobs.pop(plan.name, None)
         job.publish()
         return job
 
@@ -519,23 +572,56 @@ class Launcher:
         job.publish()
         return job
 
-    async def _start_unit(self, plan: UnitPlan, channels: Channels, job: Job) -> None:
-        for attempt in range(3):
+    async def _start_unit(
+        self, plan: UnitPlan, channels: Channels, job: Job, *, again: bool = False
+    ) -> None:
+        """StartTransientUnit, sent again when it failed for want of systemd or the bus.
+
+        A ``daemon-reexec`` answers calls in flight with NoReply, a bus restart drops them:
+        the start may or may not have happened. Once systemd answers again, a unit of our
+        name that exists is ours (the job's record reserves the name), so it is tracked from
+        its state; otherwise the start is sent again, with the same stdio (``channels``
+        keeps its copies until ``close_remote()``). ``again``: an earlier start of this unit
+        was dropped by systemd (start() saw it fail with nothing run).
+        """
+        reset = transient = waits = 0
+        deadline = asyncio.get_running_loop().time() + RETRY_FOR
+        while True:
             try:
                 props = [[k, Variant(sig, v)] for k, (sig, v) in properties(plan)]
-                await self.manager.job_call(
+                start_job = await self.manager.job_call(
                     "StartTransientUnit",
                     "ssa(sv)a(sa(sv))",
                     [plan.name, "fail", props, []],
                     unix_fds=channels.remote,
                 )
+                self._start_jobs[plan.name] = start_job
+                self._created.add(plan.name)
                 return
             except BusCallError as e:
-                if "UnitExists" in e.name and attempt == 0:
+                if "UnitExists" in e.name and not (reset or transient or again):
                     # a failed unit of an earlier run with this id: reset once, then retry
                     log.info("%s exists; resetting it and retrying once", plan.name)
+                    reset += 1
                     await self.reset_failed(plan.name)
                     continue
+                if "UnitExists" in e.name and (transient or again):
+                    # we may have made it: a start that went through after all (ours: follow
+                    # it), or the dead unit of a start systemd dropped, not collected yet
+                    state = await self.manager.get_all(job.path, keys=START_PROPERTIES)
+                    if state.get("LoadState") == "loaded" and (
+                        _start_pending(state) or not _never_ran(state)
+                    ):
+                        log.info("%s: started after all; following it", plan.name)
+                        job.on_props(job.path, state)
+                        self._created.add(plan.name)
+                        self._settle_start(plan.name, state)
+                        return
+                    if waits < COLLECT_WAITS:
+                        waits += 1
+                        await self.reset_failed(plan.name)
+                        await asyncio.sleep(0.1)  # systemd collects it: no signal we match
+                        continue
                 if "UnitExists" in e.name:
                     raise RefusedError(
                         f"job {job.jobid}: unit {plan.name} already exists and is not failed: "
@@ -546,7 +632,11 @@ class Launcher:
                     self._exec_start_ex = False
                     plan = replace(plan, expand_env=True)
                     continue
-                raise
+                if e.name not in TRANSIENT_ERRORS:
+                    raise
+                failure: LaunchError = e
+            except LaunchError as e:  # the connection dropped under the call
+                failure = e
             except SdexecError:
                 raise
             except Exception:
@@ -554,7 +644,39 @@ class Launcher:
                 # would surface as its own exception (a traceback); name the property.
                 _refuse_unmarshallable(plan)
                 raise
-        raise LaunchError(f"job {job.jobid}: could not start {plan.name}")
+            transient += 1
+            if asyncio.get_running_loop().time() > deadline:
+                raise failure
+            log.info("%s: StartTransientUnit: %s; checking whether it started", plan.name, failure)
+            state = await self.manager.get_all(job.path, keys=START_PROPERTIES)  # waits it out
+            if state.get("LoadState") == "loaded":
+                log.info("%s: started after all; following it", plan.name)
+                self._created.add(plan.name)
+                job.on_props(job.path, state)
+                self._settle_start(plan.name, state)
+                return
+            await asyncio.sleep(min(0.05 * transient, 1.0))
+
+    def _settle_start(self, unit: str, props: Mapping[str, Any]) -> None:
+        """Resolve a start that waits for its JobRemoved from the unit's state, when no start
+        job is pending any more: a JobRemoved sent while the bus was away is lost for good."""
+        fut = self._job_waiters.get(unit)
+        if fut is None or fut.done():
+            return
+        pending = props.get("Job")
+        if _start_pending(props) and unit not in self._start_jobs:
+            assert isinstance(pending, (list, tuple))
+            self._start_jobs[unit] = str(pending[1])  # followed, not sent: its job is that one
+        if props.get("LoadState") != "loaded":
+            if unit in self._created:  # created, and already collected: the start is over
+                fut.set_result("collected")
+            return  # else not created yet: StartTransientUnit is still on its way
+        if _start_pending(props):
+            return  # still queued: its JobRemoved comes on the connection we have now
+        active = props.get("ActiveState")
+        # "done" as systemd would have said; anything else makes start() check whether the
+        # program ran (a quick exit can fail the start job of a Type=exec unit)
+        fut.set_result("done" if active in ("active", "reloading", "deactivating") else "resync")
 
     @staticmethod
     def _check_start_failure(job: Job, result: str, props: Mapping[str, Any]) -> None:
@@ -571,17 +693,26 @@ class Launcher:
                 f" (Result={props.get('Result', '?')})"
             )
 
-    def _on_job_removed(self, _job: str, unit: str, result: str) -> None:
+    def _on_job_removed(self, job: str, unit: str, result: str) -> None:
         fut = self._job_waiters.get(unit)
-        if fut is not None and not fut.done():
-            fut.set_result(result)
+        if fut is None or fut.done():
+            return
+        if job in self._stale_jobs:
+            self._stale_jobs.discard(job)
+            log.debug("%s: JobRemoved of an earlier start job %s (%s) ignored", unit, job, result)
+            return
+        if self._start_jobs.get(unit, job) != job:
+            # a start job of an earlier attempt at this unit, late: not this start's end
+            log.debug("%s: JobRemoved of an earlier start job %s (%s) ignored", unit, job, result)
+            return
+        fut.set_result(result)
 
     # --- teardown ---------------------------------------------------------------------------
 
-    async def stop_unit(self, unit: str) -> bool:
+    async def stop_unit(self, unit: str, mode: str = "fail") -> bool:
         """StopUnit; False when it did not get through (then a later re-read retries)."""
         try:
-            await self.manager.job_call("StopUnit", "ss", [unit, "fail"], retry=True)
+            await self.manager.job_call("StopUnit", "ss", [unit, mode], retry=True)
         except BusCallError as e:
             if "NoSuchUnit" not in e.name:
                 log.warning("%s: StopUnit: %s", unit, e)
@@ -610,13 +741,18 @@ class Launcher:
     async def resync(self) -> None:
         """Re-read every tracked unit: signals were lost while the bus or systemd was away."""
         for path, job in list(self.jobs.items()):
+            starting = job.unit in self._job_waiters
             try:
-                props = await self.manager.get_all(path, keys=us.STATE_PROPERTIES)
+                props = await self.manager.get_all(
+                    path, keys=START_PROPERTIES if starting else us.STATE_PROPERTIES
+                )
             except LaunchError as e:
                 log.warning("%s: cannot re-read after reconnect: %s", job.unit, e)
                 continue
             log.info("%s: re-read after reconnect (%s)", job.unit, props.get("ActiveState"))
             job.on_props(path, props)
+            if starting:
+                self._settle_start(job.unit, props)
 
     def memory_limit_text(self) -> str | None:
         limits = [

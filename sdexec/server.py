@@ -14,6 +14,7 @@ may name another owner.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import json
 import logging
@@ -26,6 +27,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
+from .admission import Admission, Limits, fds_needed, raise_fd_limit
 from .client import socket_path
 from .cmd_run import build_request, outcome
 from .config import ExecConfig
@@ -48,6 +50,11 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEST = 4 << 20
 SD_LISTEN_FDS_START = 3
+FD_SIZE = array.array("i").itemsize
+LISTEN_BACKLOG = 4096
+ACCEPT_BACKOFF_MIN = 0.01
+ACCEPT_BACKOFF_MAX = 1.0
+REFUSAL_LOG_EVERY = 10.0
 KEEP_UNCLAIMED_SEC = 24 * 3600
 """How long a finished job's status waits for ``sdexec attach`` when its client went away."""
 
@@ -67,7 +74,7 @@ def _listen_socket(path: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.bind(path)
     os.chmod(path, 0o666)  # anyone may ask; who they are decides what they get
-    sock.listen(128)
+    sock.listen(LISTEN_BACKLOG)  # the kernel caps it at net.core.somaxconn
     return sock
 
 
@@ -108,6 +115,13 @@ class Server:
             # socket activation until systemd gives up on the socket.
             self._db_error = str(e)
             log.error("the node's state database cannot be used: %s", e)
+        site = cfg.sdexec
+        self.admission = Admission(
+            Limits(total=site.max_connections, per_user=site.max_connections_per_user),
+            exempt=frozenset({0, os.getuid()}),
+        )
+        self.accept_errors = 0
+        self._refusal_logged = -REFUSAL_LOG_EVERY
 
     def _state(self) -> StateDB:
         """The node's database, opened again if it could not be before (an admin fixed it)."""
@@ -124,6 +138,7 @@ class Server:
 
     async def serve(self, path: str | None = None) -> None:
         loop = asyncio.get_running_loop()
+        self._check_fd_limit()
         await self.launcher.connect()
         listener = _listen_socket(path or socket_path(self.user))
         listener.setblocking(False)
@@ -133,16 +148,29 @@ class Server:
         self._spawn(self.readopt())
         log.info("serving on %s", listener.getsockname())
         accept: asyncio.Task[Any] | None = None
+        backoff = ACCEPT_BACKOFF_MIN
         try:
             while not stop.is_set():
                 accept = asyncio.ensure_future(loop.sock_accept(listener))
                 waiter = asyncio.ensure_future(stop.wait())
                 done, _ = await asyncio.wait({accept, waiter}, return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
-                if accept in done:
-                    conn, _addr = accept.result()
-                    self._spawn(self.handle(conn))
-                    accept = None
+                if accept not in done:
+                    continue
+                task, accept = accept, None
+                try:
+                    conn, _addr = task.result()
+                except OSError as e:
+                    # EMFILE/ENFILE/ENOBUFS/ENOMEM (a shortage) or ECONNABORTED/EPROTO (a client
+                    # gone): never a reason to stop serving everyone. A shortage leaves the
+                    # listener readable, so wait a little before the next try, or spin.
+                    self.accept_errors += 1
+                    log.warning("accept: %s; retrying in %.2fs", e, backoff)
+                    await _sleep_unless(stop, backoff)
+                    backoff = min(backoff * 2, ACCEPT_BACKOFF_MAX)
+                    continue
+                backoff = ACCEPT_BACKOFF_MIN
+                self._admit(conn)
         finally:
             if accept is not None:
                 accept.cancel()
@@ -158,6 +186,46 @@ class Server:
             await self.launcher.close()
             if self.db is not None:
                 self.db.close()
+
+    def _check_fd_limit(self) -> None:
+        """Say at start when the caps allow more connections than the fd limit can hold."""
+        limit = raise_fd_limit()
+        need = fds_needed(self.admission.limits)
+        log.info("descriptor limit %d (the connection caps need up to %d)", limit, need)
+        if limit < need:
+            log.warning(
+                "descriptor limit %d is below the %d that [sdexec] max-connections = %d may "
+                "need: raise LimitNOFILE= in sdexec.service or lower max-connections",
+                limit, need, self.admission.limits.total,
+            )  # fmt: skip
+
+    def _admit(self, conn: socket.socket) -> None:
+        """Serve ``conn``, or refuse it at once (125, "busy") if its user holds too many."""
+        try:
+            uid = _peer_uid(conn)
+        except OSError as e:  # the client is already gone
+            log.debug("SO_PEERCRED: %s", e)
+            conn.close()
+            return
+        refusal = self.admission.admit(uid)
+        if refusal is not None:
+            now = time.monotonic()
+            if now - self._refusal_logged >= REFUSAL_LOG_EVERY:  # they can come by thousands
+                self._refusal_logged = now
+                log.warning("%s (uid %d; %d refused so far)", refusal, uid, self.admission.refused)
+            try:  # the socket is new and empty: one line fits, a non-blocking send never waits
+                conn.send(_line({"exit": LaunchError.exit_code, "stderr": [f"sdexec: {refusal}"]}))
+            except OSError:
+                pass
+            conn.close()
+            return
+        self._spawn(self._serve_admitted(conn, uid))
+
+    async def _serve_admitted(self, conn: socket.socket, uid: int) -> None:
+        try:
+            await self.handle(conn)
+        finally:
+            self.admission.release(uid)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -269,15 +337,52 @@ class Server:
             conn.close()
 
     async def _receive(self, conn: socket.socket) -> tuple[dict[str, Any], list[int], bytes]:
-        """The request line and the client's three stdio fds (sent with its first bytes)."""
+        """The request line and the client's three stdio fds (sent with its first bytes).
+
+        Bounded by ``[sdexec] request-timeout``: a connection that sends nothing (or half a
+        line) is answered 125 and closed rather than held forever (issue 9, H2).
+        """
+        timeout = self.cfg.sdexec.request_timeout
+        fds: list[int] = []
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._receive_request(conn, fds)
+        except BaseException as e:
+            _close_all(fds)  # a request refused after its fds arrived must not leak them
+            if isinstance(e, TimeoutError):
+                raise LaunchError(
+                    f"no complete request within {timeout:g}s ([sdexec] request-timeout); "
+                    "closing the connection"
+                ) from None
+            raise
+
+    async def _receive_request(
+        self, conn: socket.socket, fds: list[int]
+    ) -> tuple[dict[str, Any], list[int], bytes]:
         loop = asyncio.get_running_loop()
         readable = loop.create_future()
-        loop.add_reader(conn.fileno(), readable.set_result, None)
+
+        def ready() -> None:  # may fire again before the reader is removed
+            if not readable.done():
+                readable.set_result(None)
+
+        loop.add_reader(conn.fileno(), ready)
         try:
             await readable
         finally:
             loop.remove_reader(conn.fileno())
-        data, fds, _flags, _addr = socket.recv_fds(conn, 65536, 4)
+        data, truncated = _recv_with_fds(conn, fds)
+        if truncated and len(fds) < 3:
+            # The kernel could not install the client's descriptors here (EMFILE: the server
+            # is at its fd limit) and dropped them: a shortage, not the client's mistake.
+            raise LaunchError(
+                "the sdexec server is short of file descriptors and could not receive this "
+                "client's stdin, stdout and stderr; retry"
+            )
+        if truncated:
+            raise UsageError(
+                "expected the client's stdin, stdout and stderr (and a PMI socket), got more fds"
+            )
         while b"\n" not in data:
             if len(data) > MAX_REQUEST:
                 raise UsageError("the request is too large")
@@ -289,9 +394,7 @@ class Server:
         request = decode_request(line)
         # stdin, stdout, stderr, and the PMI socket of a task of a resource manager's step
         wanted = 4 if request.get("pmi_fd") is True else 3
-        if request["op"] == "run" and len(fds) != wanted:
-            for fd in fds:
-                os.close(fd)
+        if request["op"] == "run" and len(fds) != wanted:  # the caller closes them
             raise UsageError(f"expected the client's stdin, stdout and stderr, got {len(fds)} fds")
         return request, list(fds), rest
 
@@ -421,6 +524,34 @@ class Server:
                 handle.keep_records = True
                 return
             buf += more
+
+
+def _recv_with_fds(conn: socket.socket, fds: list[int]) -> tuple[bytes, bool]:
+    """One ``recvmsg``: the bytes, the fds appended to ``fds`` (close-on-exec), and whether
+    the kernel truncated the fds (``MSG_CTRUNC``: more than fit, or none could be installed)."""
+    space = socket.CMSG_SPACE(4 * FD_SIZE)  # stdio, and a resource manager's PMI socket
+    data, ancdata, flags, _addr = conn.recvmsg(65536, space, socket.MSG_CMSG_CLOEXEC)
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % FD_SIZE
+            fds.extend(array.array("i", payload[:usable]))
+    return data, bool(flags & socket.MSG_CTRUNC)
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    fds.clear()
+
+
+async def _sleep_unless(stop: asyncio.Event, delay: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), delay)
+    except TimeoutError:
+        pass
 
 
 def _is_cancel(line: bytes) -> bool:

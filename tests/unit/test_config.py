@@ -200,6 +200,18 @@ def test_no_file_no_prefix() -> None:
         ('[sdexec]\nallow-properties = ["cpu weight"]', "is not a systemd property name"),
         ('[sdexec]\nstart-timeout = "0"', 'sdexec.start-timeout: "0" is not a positive'),
         ('[sdexec]\nstdio-eof-timeout = "soon"', 'sdexec.stdio-eof-timeout: "soon" is not a dur'),
+        ('[sdexec]\nrequest-timeout = "0"', 'sdexec.request-timeout: "0" is not a positive'),
+        ('[sdexec]\nrequest-timeout = "inf"', 'sdexec.request-timeout: "inf" is not a finite'),
+        ("[sdexec]\nmax-connections = 0", "sdexec.max-connections: 0 is not a positive integer"),
+        ('[sdexec]\nmax-connections = "9"', 'sdexec.max-connections: "9" is not a positive'),
+        ("[sdexec]\nmax-connections = 1e3", "sdexec.max-connections: 1000.0 is not a positive"),
+        ("[sdexec]\nmax-connections = 9999999", "max-connections: 9999999 is too large (accepted"),
+        ("[sdexec]\nmax-connections-per-user = true", "max-connections-per-user: true is not a"),
+        (
+            "[sdexec]\nmax-connections = 10\nmax-connections-per-user = 11",
+            "sdexec.max-connections-per-user: 11 is more than max-connections (10); accepted: an "
+            "integer from 1 to 10",
+        ),
         ('[sdexec]\nstate_dir = "/x"', "sdexec.state_dir: unknown key; did you mean 'state-dir'?"),
         ('[exec]\nkill_timeout = "5s"', "did you mean 'kill-timeout'?"),
         ("[exec]\nfrobnicate = 1", "exec.frobnicate: unknown key (known keys: barrier-timeout,"),
@@ -274,6 +286,9 @@ def test_values_accepted() -> None:
             slice = "-.slice"
             stdio-eof-timeout = 3
             start-timeout = "1m"
+            max-connections = 100
+            max-connections-per-user = 7
+            request-timeout = "2.5s"
             """
         )
     )
@@ -294,6 +309,8 @@ def test_values_accepted() -> None:
     assert c.sdexec.resolved_state_dir() == "/var/lib/x"
     assert c.sdexec.slice == "-.slice"
     assert (c.sdexec.stdio_eof_timeout, c.sdexec.start_timeout) == (3.0, 60.0)
+    assert (c.sdexec.max_connections, c.sdexec.max_connections_per_user) == (100, 7)
+    assert c.sdexec.request_timeout == 2.5
 
 
 def test_barrier_timeout_infinite_allowed() -> None:
@@ -343,6 +360,9 @@ def test_to_dict_defaults() -> None:
         "sdexec": {
             "stdio-eof-timeout": "10s",
             "start-timeout": "30s",
+            "max-connections": 4096,
+            "max-connections-per-user": 256,
+            "request-timeout": "10s",
             "guest-credentials": "imp",
         },
     }
@@ -387,6 +407,11 @@ def configs(draw: st.DrawFn) -> dict[str, Any]:
     sd: dict[str, Any] = {}
     if draw(st.booleans()):
         sd["start-timeout"] = draw(durations)
+    if draw(st.booleans()):
+        sd["request-timeout"] = draw(durations)
+    if draw(st.booleans()):
+        sd["max-connections"] = draw(st.integers(min_value=64, max_value=1 << 18))
+        sd["max-connections-per-user"] = draw(st.integers(min_value=1, max_value=64))
     if draw(st.booleans()):
         sd["drain-command"] = ["/bin/echo", "{hostname}", "{reason}"]
     return {"exec": ex, "sdexec": sd}

@@ -411,7 +411,14 @@ def test_huge_integer_literal_is_a_config_error(capsys: pytest.CaptureFixture[st
 
 
 @pytest.mark.parametrize(
-    "key", ["exec.kill-timeout", "exec.sdexec-stop-timer-sec", "sdexec.start-timeout"]
+    "key",
+    [
+        "exec.kill-timeout",
+        "exec.sdexec-stop-timer-sec",
+        "sdexec.start-timeout",
+        "sdexec.request-timeout",
+        "sdexec.max-connections",
+    ],
 )
 def test_huge_integer_durations_are_config_errors(key: str) -> None:
     table, name = key.split(".")

@@ -1,0 +1,197 @@
+"""Connection admission (sdexec/admission.py) and the server's low-level receive and accept
+path (sdexec/server.py) with real sockets: caps, the request timeout, MSG_CTRUNC at EMFILE."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import resource
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from sdexec.admission import Admission, Limits, raise_fd_limit
+from sdexec.config import ExecConfig, SiteConfig
+from sdexec.errors import LaunchError, UsageError
+from sdexec.server import Server, _recv_with_fds
+
+ROOT, ME, MALLORY, EVE = 0, 1000, 1500, 1501
+
+
+def test_per_user_cap_applies_to_others_only() -> None:
+    a = Admission(Limits(total=10, per_user=2), exempt=frozenset({ROOT, ME}))
+    assert [a.admit(MALLORY), a.admit(MALLORY)] == [None, None]
+    refusal = a.admit(MALLORY)
+    assert refusal is not None and "busy for uid 1500" in refusal and "retry" in refusal
+    assert "max-connections-per-user" in refusal
+    assert a.admit(EVE) is None  # another user is not held to mallory's count
+    assert all(a.admit(ROOT) is None for _ in range(3))  # root: the total only
+    assert a.admit(ME) is None
+    assert (a.total, a.refused) == (7, 1)
+
+
+def test_total_cap_refuses_everyone_then_frees() -> None:
+    a = Admission(Limits(total=2, per_user=2), exempt=frozenset({ROOT}))
+    assert a.admit(ROOT) is None and a.admit(MALLORY) is None
+    refusal = a.admit(ROOT)
+    assert refusal is not None and "max-connections allows" in refusal
+    a.release(MALLORY)
+    assert a.admit(ROOT) is None
+    assert dict(a.by_uid) == {ROOT: 2}
+
+
+def test_release_of_nothing_is_a_bug() -> None:
+    a = Admission(Limits(total=2, per_user=2), exempt=frozenset())
+    with pytest.raises(ValueError):
+        a.release(MALLORY)
+
+
+def test_fd_limit_soft_raised_to_hard() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 256), hard))
+        assert raise_fd_limit() == hard
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+# --- the receive: fds and MSG_CTRUNC ---------------------------------------------------------
+
+
+@contextmanager
+def fd_table_full() -> Iterator[None]:
+    """Every descriptor this process may open is in use (EMFILE), as at the server's limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fillers: list[int] = []
+    highest = max(int(name) for name in os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 16, hard))  # a few to fill, not 1M
+    try:
+        while True:
+            try:
+                fillers.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError:
+                break
+        yield
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_fds_dropped_at_emfile_are_reported_truncated() -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        socket.send_fds(theirs, [b'{"op": "run"}\n'], [0, 1, 2])
+        fds: list[int] = []
+        with fd_table_full():
+            data, truncated = _recv_with_fds(ours, fds)
+        assert (data, truncated, fds) == (b'{"op": "run"}\n', True, [])
+
+
+def test_fds_received_close_on_exec() -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        socket.send_fds(theirs, [b"x"], [0, 1, 2])
+        fds: list[int] = []
+        assert _recv_with_fds(ours, fds) == (b"x", False)
+        try:
+            assert len(fds) == 3 and not any(os.get_inheritable(fd) for fd in fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
+# --- the server: timeout, shortage, caps at accept --------------------------------------------
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    cfg = ExecConfig(
+        sdexec=SiteConfig(
+            state_dir=str(tmp_path / "state"), request_timeout=0.2, max_connections=2,
+            max_connections_per_user=1,
+        )
+    )  # fmt: skip
+    srv = Server(cfg)
+    yield srv
+    srv.db.close()
+
+
+async def _reply(sock: socket.socket) -> dict[str, object]:
+    """The server's one-line answer, read without blocking the loop the server runs on."""
+    sock.setblocking(False)
+    data = b""
+    async with asyncio.timeout(10):
+        while b"\n" not in data:
+            more = await asyncio.get_running_loop().sock_recv(sock, 4096)
+            assert more, f"closed without a line: {data!r}"
+            data += more
+    return dict(json.loads(data.partition(b"\n")[0]))
+
+
+async def test_a_request_that_never_comes_is_answered_125(server: Server) -> None:
+    ours, theirs = socket.socketpair()
+    with theirs:
+        await server.handle(ours)  # closes ours
+        reply = await _reply(theirs)
+    assert reply["exit"] == 125
+    (line,) = reply["stderr"]  # type: ignore[misc]
+    assert "no complete request within 0.2s ([sdexec] request-timeout)" in line
+
+
+async def test_half_a_request_times_out_and_its_fds_are_closed(server: Server) -> None:
+    before = len(os.listdir("/proc/self/fd"))
+    ours, theirs = socket.socketpair()
+    with theirs:
+        socket.send_fds(theirs, [b'{"op": "run", "argv": '], [0, 1, 2])
+        ours.setblocking(False)  # as handle() makes every connection
+        with pytest.raises(LaunchError, match="request-timeout"):
+            await server._receive(ours)
+        ours.close()
+    assert len(os.listdir("/proc/self/fd")) == before  # no received fd kept
+
+
+async def test_stdio_dropped_by_the_kernel_is_a_shortage_not_a_usage_error(
+    server: Server,
+) -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        socket.send_fds(theirs, [b'{"op": "run"}\n'], [0, 1, 2])
+        ours.setblocking(False)
+        with fd_table_full(), pytest.raises(LaunchError, match=r"short of file descriptors.*retry"):
+            await server._receive(ours)
+
+
+async def test_more_than_three_fds_is_a_usage_error(server: Server) -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        socket.send_fds(theirs, [b'{"op": "run"}\n'], [0, 1, 2, 0, 1])
+        ours.setblocking(False)
+        with pytest.raises(UsageError, match="got more fds"):
+            await server._receive(ours)
+
+
+async def test_over_the_cap_is_refused_at_accept_with_busy(server: Server) -> None:
+    """The server's own uid counts towards the total only; the total (2) refuses the third."""
+    pairs = [socket.socketpair() for _ in range(3)]
+    try:
+        for ours, _theirs in pairs:
+            ours.setblocking(False)
+            server._admit(ours)
+        reply = await _reply(pairs[2][1])
+        assert reply["exit"] == 125
+        assert "busy" in str(reply["stderr"]) and "retry" in str(reply["stderr"])
+        assert server.admission.total == 2
+        for _ours, theirs in pairs[:2]:  # the admitted ones time out (0.2 s) and are released
+            assert "request-timeout" in str((await _reply(theirs))["stderr"])
+        await asyncio.gather(*server._tasks)
+        assert server.admission.total == 0
+    finally:
+        for ours, theirs in pairs:
+            ours.close()
+            theirs.close()
