@@ -28,6 +28,7 @@ HANDLERS = {
     "drain-set": "sdexec.cmd_drain:set_",
     "jobs": "sdexec.cmd_stats:jobs",
     "serve": "sdexec.server:main",
+    "epilog": "sdexec.cmd_epilog:main",
 }
 
 
@@ -97,7 +98,7 @@ def _add_json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-COMMANDS = ("run", "attach", "config", "stats", "jobs", "drain", "serve")
+COMMANDS = ("run", "attach", "config", "stats", "jobs", "drain", "serve", "epilog")
 
 
 def build_parser(only: str | None = None, *, served: bool = False) -> argparse.ArgumentParser:
@@ -128,9 +129,16 @@ def _first_command(argv: Sequence[str]) -> str | None:
 def _build_run(sub: Any) -> None:
     run = sub.add_parser("run", help="run one job and relay its stdio and exit status")
     _add_config(run)
-    run.add_argument("--job", metavar="ID", help="job id (default: a fresh one)")
     run.add_argument(
-        "--rank", type=_natural, default=0, metavar="N", help="(first) shell rank on this node"
+        "--job", metavar="ID",
+        help="job id (default: Slurm's SLURM_JOB_ID.SLURM_STEP_ID, else a fresh one)",
+    )  # fmt: skip
+    run.add_argument(
+        "--rank",
+        type=_natural,
+        default=None,
+        metavar="N",
+        help="(first) shell rank on this node (default: Slurm's SLURM_PROCID, else 0)",
     )
     run.add_argument(
         "--shells",
@@ -219,7 +227,21 @@ def _build_serve(sub: Any) -> None:
     )  # fmt: skip
 
 
+def _build_epilog(sub: Any) -> None:
+    ep = sub.add_parser(
+        "epilog", help="end a resource manager's job's units on this node (Slurm's Epilog)"
+    )
+    _add_config(ep)
+    ep.add_argument("--job", metavar="ID", help="the job (default: $SLURM_JOB_ID)")
+    ep.add_argument(
+        "--timeout", metavar="FSD", help="how long the units may take to end (default: 5m)"
+    )
+    ep.add_argument("--user", action="store_true", help="the calling user's systemd manager")
+    _add_json(ep)
+
+
 _BUILDERS = {
+    "epilog": _build_epilog,
     "serve": _build_serve,
     "run": _build_run,
     "attach": _build_attach,

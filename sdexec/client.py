@@ -109,6 +109,19 @@ def _options(argv: Sequence[str]) -> Sequence[str]:
     return argv[1 : list(argv).index("--")] if "--" in argv else argv[1:]
 
 
+def _pmi_fd() -> int | None:
+    """``PMI_FD`` (srun --mpi=pmi2 gives each task one) if it names an open socket."""
+    text = os.environ.get("PMI_FD", "")
+    if not text.isdigit():
+        return None
+    try:
+        import stat
+
+        return int(text) if stat.S_ISSOCK(os.fstat(int(text)).st_mode) else None
+    except OSError:
+        return None
+
+
 class _Lost(Exception):
     """The connection to the server ended before its answer."""
 
@@ -152,10 +165,17 @@ def run_via_server(argv: Sequence[str]) -> int | None:
     accepted: str | None = None
     send_error: OSError | None = None
     with sock:
-        request = {"op": "run", "argv": list(argv[1:]), "env": dict(os.environ), "cwd": os.getcwd()}
+        request: dict[str, object] = {
+            "op": "run", "argv": list(argv[1:]), "env": dict(os.environ), "cwd": os.getcwd()
+        }  # fmt: skip
+        fds = [0, 1, 2]
+        pmi = _pmi_fd()
+        if pmi is not None:  # the resource manager's PMI: the server holds the start barrier
+            fds.append(pmi)
+            request["pmi_fd"] = True
         data = json.dumps(request).encode() + b"\n"
         try:
-            socket.send_fds(sock, [data], [0, 1, 2])
+            socket.send_fds(sock, [data], fds)
         except OSError as e:
             # refused at accept (busy) and closed before our request: its one-line answer
             # may still be there to read

@@ -93,10 +93,18 @@ def build_request(
         env = usable_environment(environ)
         default_cwd = cwd
     env.update(extra_env)
+    # Under a resource manager the job's identity is its: Slurm's job.step, task rank, size
+    from .pmi import PmiEndpoint
+    from .slurm import allocation_memory, step_from_environment
+
+    step = step_from_environment(environ) if args.job is None or args.rank is None else None
+    # the PMI fd is this process's (or the client's, passed to the server), not the unit's
+    env.pop("PMI_FD", None)
     check_environment(env)
     job_cwd = args.cwd or default_cwd
     check_command(cmd, job_cwd)
-    jobid = args.job if args.job is not None else new_jobid()
+    jobid = args.job if args.job is not None else step.jobid if step else new_jobid()
+    rank = args.rank if args.rank is not None else step.rank if step else 0
     from .unitname import check_jobid
 
     check_jobid(jobid)
@@ -117,7 +125,11 @@ def build_request(
         cwd=job_cwd,
         attrs=attrs,
         owner=owner,
-        rank=args.rank,
+        rank=rank,
+        size=step.size if step else None,
+        pmi=PmiEndpoint.from_environment(environ),
+        allocation_memory=allocation_memory(environ) if step else None,
+        slurm_job=step.job_id if step else None,
         user_manager=args.user,
         keep_failed_unit=args.keep_unit,
         time_limit=time_limit,
@@ -128,9 +140,17 @@ def build_request(
 def main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     req = build_request(args, os.environ, os.getcwd(), args.owner)
+    if req.pmi is not None:
+        from dataclasses import replace
+
+        from .pmi import env_fd
+
+        req.pmi = replace(req.pmi, fd=env_fd(os.environ))
     from .jobexec import select_service
 
     service = select_service(cfg, req)
+    if req.slurm_job is not None and req.time_limit is None:
+        asyncio.run(req.take_time_limit())
 
     async def start() -> Handle:
         from .jobexec import start_job

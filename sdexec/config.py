@@ -80,6 +80,7 @@ SDEXEC_KEYS = (
     "max-connections-per-user",
     "request-timeout",
     "guest-credentials",
+    "allocation-memory",
 )
 GUEST_CREDENTIALS = ("imp", "systemd")
 MAX_CONFIG_BYTES = 1 << 20
@@ -136,6 +137,9 @@ class SiteConfig:
     # way), or from systemd itself (the unit's User=/Group=/SupplementaryGroups=; a root
     # launcher on the system manager), where systemd drops privileges before chdir and exec.
     guest_credentials: str = "imp"
+    # the resource manager's memory allocation (Slurm's SLURM_MEM_PER_NODE / _PER_CPU) becomes
+    # the unit's MemoryMax, never above the site's own sdexec-properties MemoryMax
+    allocation_memory: bool = False
 
     def resolved_state_dir(self) -> str:
         return self.state_dir if self.state_dir is not None else default_state_dir()
@@ -223,6 +227,8 @@ class ExecConfig:
         sd["max-connections-per-user"] = site.max_connections_per_user
         sd["request-timeout"] = format_fsd(site.request_timeout)
         sd["guest-credentials"] = site.guest_credentials
+        if site.allocation_memory:
+            sd["allocation-memory"] = True
         return {"exec": ex, "sdexec": sd}
 
 
@@ -461,6 +467,7 @@ def _parse_site(data: Mapping[str, Any], c: _Checker) -> SiteConfig:
         max_connections=total,
         max_connections_per_user=per_user,
         request_timeout=request,
+        allocation_memory=c.boolean(sd, (*P, "allocation-memory"), defaults.allocation_memory),
     )
 
 

@@ -29,6 +29,7 @@ from .testexec import PREFIX as TEST_PREFIX
 if TYPE_CHECKING:
     from .job import UpdateHook
     from .launcher import Launcher
+    from .pmi import PmiEndpoint
     from .statedb import JobRecord as StateRecord
     from .statedb import StateDB
     from .testexec import TestexecSpec
@@ -51,6 +52,22 @@ class JobRequest:
     keep_failed_unit: bool = False
     time_limit: float | None = None
     shells: int = 1  # shells of this job on this node: ranks rank .. rank+shells-1
+    size: int | None = None  # ranks of the whole job (all nodes); None: this node's shells
+    pmi: PmiEndpoint | None = None  # the resource manager's PMI: the barrier across nodes
+    allocation_memory: int | None = None  # bytes the resource manager allocated here
+    slurm_job: str | None = None  # the Slurm job this is a step's task of
+
+    async def take_time_limit(self) -> None:
+        """A Slurm task without --time-limit ends at its job's end time, with SIGALRM."""
+        if self.slurm_job is None or self.time_limit is not None:
+            return
+        from .slurm import job_end_time, time_limit_from_end
+
+        self.time_limit = time_limit_from_end(await job_end_time(self.slurm_job), time.time())
+
+    def cross_node(self) -> bool:
+        """Whether the start barrier spans nodes (through PMI): a job of more than one task."""
+        return self.pmi is not None and self.pmi.size > 1 and self.pmi.fd is not None
 
     def owner_uid(self) -> int:
         return os.getuid() if self.owner is None else owner_uid(self.owner)
@@ -307,6 +324,7 @@ async def start_job(
         handle.cleanup.append(db.close)
     try:
         db.check_not_drained()
+        await req.take_time_limit()  # a Slurm task's: its job's end time
         if chosen == "sdexec":
             await sweep_abandoned(cfg, db, user_manager=req.user_manager)
         if chosen == "testexec":
@@ -334,7 +352,7 @@ def _shell_prefix(cfg: ExecConfig, req: JobRequest) -> tuple[str, ...]:
     if cfg.job_shell:
         return (cfg.job_shell, "--")
     via_imp = req.guest() and cfg.sdexec.guest_credentials == "imp"
-    if via_imp or req.shells > 1:
+    if via_imp or req.shells > 1 or req.cross_node():
         return (sys.executable, "-m", "sdexec.shell", "--")
     return ()
 
@@ -354,7 +372,7 @@ async def _start_shells(
     via_imp = guest and cfg.sdexec.guest_credentials == "imp"
     shell = _shell_prefix(cfg, req)
     barrier_path = None
-    if req.shells > 1:
+    if req.shells > 1 or req.cross_node():
         barrier_path = await _start_barrier(cfg, req, handle)
     if handle.service == "sdexec" and launcher is None:
         from .launcher import Launcher
@@ -364,7 +382,8 @@ async def _start_shells(
         handle.cleanup.append(launcher.close)
     for rank in range(req.rank, req.rank + req.shells):
         env = dict(req.env)
-        env.update(SDEXEC_JOBID=req.jobid, SDEXEC_RANK=str(rank), SDEXEC_SIZE=str(req.shells))
+        size = req.size or req.shells
+        env.update(SDEXEC_JOBID=req.jobid, SDEXEC_RANK=str(rank), SDEXEC_SIZE=str(size))
         if barrier_path:
             env["SDEXEC_BARRIER"] = barrier_path
 
@@ -396,6 +415,7 @@ async def _start_shells(
                 run_as=str(req.owner_uid()) if guest and not via_imp else None,
                 shell=shell,
                 keep_failed_unit=req.keep_failed_unit,
+                memory_max=req.allocation_memory if cfg.sdexec.allocation_memory else None,
             )
             try:
                 job: BaseJob = await launcher.start(spec, on_drain=on_drain, on_update=on_update)
@@ -443,15 +463,25 @@ async def _start_barrier(cfg: ExecConfig, req: JobRequest, handle: Handle) -> st
     rundir = tempfile.mkdtemp(prefix="sdexec-barrier-")
     os.chmod(rundir, 0o711)  # guests' shells must reach the socket (owned by them) inside
     path = os.path.join(rundir, "barrier.sock")
-    server = LocalBarrierServer(
-        path,
-        req.shells,
-        cfg.barrier_timeout,
-        MonotonicClock(),
-        owner_uid=req.owner_uid() if req.guest() else None,
-        first_rank=req.rank,  # the shells report RANK..RANK+N-1
-    )
-    await server.start()
+    owner = req.owner_uid() if req.guest() else None
+    if req.cross_node():
+        from .pmi import ClusterBarrierServer
+
+        assert req.pmi is not None
+        server: LocalBarrierServer = ClusterBarrierServer(
+            path, req.shells, cfg.barrier_timeout, MonotonicClock(), req.pmi, owner_uid=owner,
+            first_rank=req.rank,
+        )  # fmt: skip
+    else:
+        server = LocalBarrierServer(
+            path, req.shells, cfg.barrier_timeout, MonotonicClock(), owner_uid=owner,
+            first_rank=req.rank,  # the shells report RANK..RANK+N-1
+        )  # fmt: skip
+    try:
+        await server.start()
+    except BaseException:
+        os.rmdir(rundir)  # a refused PMI fd: nothing of the barrier stays
+        raise
 
     async def watch() -> None:
         try:
@@ -469,10 +499,11 @@ async def _start_barrier(cfg: ExecConfig, req: JobRequest, handle: Handle) -> st
                 log.warning("job %s: guest job's barrier failed: job failed, node not drained",
                             req.jobid)
                 return
+            missing = f"shell ranks {waiting}" if waiting else "the other nodes"
             await _drain(
                 cfg,
                 db,
-                f"{handle.error} (job {req.jobid}, shell ranks {waiting} never arrived)",
+                f"{handle.error} (job {req.jobid}, {missing} never arrived)",
                 req.jobid,
                 None,
             )

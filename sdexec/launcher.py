@@ -81,6 +81,7 @@ class JobSpec:
     shell: Sequence[str] = ()  # job-shell argv prefix, e.g. ("/usr/libexec/flux/flux-shell",)
     keep_failed_unit: bool = False
     description: str | None = None
+    memory_max: int | None = None  # bytes (a resource manager's allocation), capped by the site's
 
 
 def _start_pending(props: Mapping[str, Any]) -> bool:
@@ -387,6 +388,11 @@ class Launcher:
             argv = [*spec.shell, *spec.argv]
             argv[0] = resolve_program(argv[0], env, cwd)
         extra = tuple((p.name, p.signature, p.value) for p in cfg.unit_properties)
+        if spec.memory_max is not None:
+            from .memory import cap_memory_max
+
+            physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            extra = cap_memory_max(extra, spec.memory_max, physical)
         return UnitPlan(
             name=unit_name(spec.jobid, spec.rank, guest=via_imp),
             argv=tuple(argv),

@@ -8,8 +8,10 @@ these properties as integers (``t`` bytes, or ``u`` for the ``*Scale`` percentag
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Any
 
 from .show import show_value
 
@@ -103,3 +105,22 @@ def format_memory(value: MemoryValue) -> str:
         if n % factor == 0:
             return f"{n // factor}{suffix}"
     return str(n)
+
+
+def cap_memory_max(
+    extra: Sequence[tuple[str, str, Any]], limit: int, physical: int
+) -> tuple[tuple[str, str, Any], ...]:
+    """The unit's properties with ``MemoryMax`` = the smaller of ``limit`` (bytes: a job's
+    allocation) and the site's own (bytes, or a share of ``physical`` memory): an allocation
+    lowers the site's bound, never raises it."""
+    site: int | None = None
+    rest = []
+    for name, sig, value in extra:
+        if name == "MemoryMax":
+            site = int(value)
+        elif name == "MemoryMaxScale":
+            site = int(value) * physical // UINT32_MAX
+        else:
+            rest.append((name, sig, value))
+    chosen = limit if site is None else min(limit, site)
+    return (*rest, ("MemoryMax", "t", chosen))

@@ -24,6 +24,7 @@ import socket
 import stat
 import struct
 import time
+from dataclasses import replace
 from typing import Any
 
 from .admission import Admission, Limits, fds_needed, raise_fd_limit
@@ -379,7 +380,9 @@ class Server:
                 "client's stdin, stdout and stderr; retry"
             )
         if truncated:
-            raise UsageError("expected the client's stdin, stdout and stderr, got more fds")
+            raise UsageError(
+                "expected the client's stdin, stdout and stderr (and a PMI socket), got more fds"
+            )
         while b"\n" not in data:
             if len(data) > MAX_REQUEST:
                 raise UsageError("the request is too large")
@@ -389,7 +392,9 @@ class Server:
             data += more
         line, _, rest = data.partition(b"\n")
         request = decode_request(line)
-        if request["op"] == "run" and len(fds) != 3:
+        # stdin, stdout, stderr, and the PMI socket of a task of a resource manager's step
+        wanted = 4 if request.get("pmi_fd") is True else 3
+        if request["op"] == "run" and len(fds) != wanted:  # the caller closes them
             raise UsageError(f"expected the client's stdin, stdout and stderr, got {len(fds)} fds")
         return request, list(fds), rest
 
@@ -447,6 +452,8 @@ class Server:
             raise UsageError("bad request: cwd must be a string")
         owner = _owner(peer, args.owner)
         req = build_request(args, env, cwd, owner, caller_uid=peer)
+        if req.pmi is not None:  # the barrier speaks on (a dup of) the client's PMI socket
+            req.pmi = replace(req.pmi, fd=fds[3] if len(fds) == 4 else None)
         service = select_service(self.cfg, req)
         if req.jobid in self.running:
             raise RefusedError(f"job {req.jobid} is already running on this node")
@@ -522,7 +529,7 @@ class Server:
 def _recv_with_fds(conn: socket.socket, fds: list[int]) -> tuple[bytes, bool]:
     """One ``recvmsg``: the bytes, the fds appended to ``fds`` (close-on-exec), and whether
     the kernel truncated the fds (``MSG_CTRUNC``: more than fit, or none could be installed)."""
-    space = socket.CMSG_SPACE(3 * FD_SIZE)
+    space = socket.CMSG_SPACE(4 * FD_SIZE)  # stdio, and a resource manager's PMI socket
     data, ancdata, flags, _addr = conn.recvmsg(65536, space, socket.MSG_CMSG_CLOEXEC)
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
