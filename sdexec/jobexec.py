@@ -767,18 +767,28 @@ async def attach_job(
                 await _drain(cfg, db, reason, jobid, job.name)
 
             db.update_job(rec.jobid, rec.rank, launcher_pid=os.getpid())
-            job = await launcher.adopt(
-                jobid, rec.unit, on_drain=on_drain, on_update=_publisher(db, rec.jobid, rec.rank)
-            )
+            # No hook yet: a unit found gone must not overwrite, in the record, a status the
+            # record already has; what the record should say is decided below, then written.
+            job = await launcher.adopt(jobid, rec.unit, on_drain=on_drain, on_update=None)
             log.info("attached to %s (%s)", rec.unit, job.state.active_state or "gone")
             shell: BaseJob = job
+            publisher = _publisher(db, rec.jobid, rec.rank)
             if not job.running and job.wait_status is None and rec.exit_status is not None:
                 # the unit is gone, but its exit was recorded first (the launcher records
                 # the status, then stops the unit; it died in between): that is the status
                 shell = RecordedJob(rec)
-            elif rec.state == "starting" and not job.running and job.wait_status is None:
-                # the launcher died between the record and the unit: the job never ran
-                job.error = f"job {jobid} was not started (its launcher stopped before the unit)"
+                db.update_job(
+                    rec.jobid, rec.rank, state="finished", exit_status=rec.exit_status,
+                    error=rec.error,
+                )  # fmt: skip
+            else:
+                if rec.state == "starting" and not job.running and job.wait_status is None:
+                    # the launcher died between the record and the unit: the job never ran
+                    job.error = (
+                        f"job {jobid} was not started (its launcher stopped before the unit)"
+                    )
+                job.on_update = publisher
+                job.publish()
             handle.jobs.append(shell)
             handle.cleanup.append(
                 lambda j=shell, r=rec: _finish_record(handle, db, j, r.jobid, r.rank)
