@@ -219,9 +219,9 @@ class Manager:
                     delay = min(delay * 2, 2.0)
             self.reconnects += 1
             self._forget_pending_jobs()
-            # Re-read in the background: this loop must be back on wait_for_disconnect at
-            # once, or a drop during the re-read (dbus restarted twice in a row) goes
-            # unnoticed and every call meets a closed connection until it gives up.
+            # In the background: if the bus drops again while the units are re-read (a second
+            # restart), this loop must be free to see it and reconnect, or the re-read's calls
+            # retry on a dead connection that nobody replaces (statuses lost).
             task = asyncio.get_running_loop().create_task(self._resync())
             self._bg.add(task)
             task.add_done_callback(self._bg.discard)
@@ -237,7 +237,7 @@ class Manager:
         self._closing = True
         if self._watch_task is not None:
             self._watch_task.cancel()
-        for task in list(self._bg):  # re-reads under way: nothing to re-read for any more
+        for task in list(self._bg):  # re-reads in flight: nothing to re-read any more
             task.cancel()
         if self._bus is not None:
             self._bus.disconnect()  # closes the socket now; nothing to wait for
