@@ -445,9 +445,22 @@ class Launcher:
                 try:
                     result = await asyncio.wait_for(asyncio.shield(removed), timeout)
                 except TimeoutError:
-                    raise LaunchError(
-                        f"job {spec.jobid}: systemd did not start {plan.name} within {timeout:g}s"
-                    ) from None
+                    # An overloaded systemd may have started it all the same: then it is a
+                    # run to follow, never a "not started" for a job that ran.
+                    state = await self.manager.get_all(path, keys=START_PROPERTIES)
+                    if state.get("LoadState") != "loaded" or (
+                        _never_ran(state) or _start_pending(state)
+                    ):
+                        # still queued: the cleanup below cancels it (StopUnit "replace")
+                        raise LaunchError(
+                            f"job {spec.jobid}: systemd did not start {plan.name} within "
+                            f"{timeout:g}s ([sdexec] start-timeout; systemd overloaded?): "
+                            "it did not run; retry"
+                        ) from None
+                    log.warning("%s: started, but its start job took over %gs", plan.name, timeout)
+                    job.on_props(path, state)
+                    running = state.get("ActiveState") in ("active", "reloading", "deactivating")
+                    result = "done" if running else "resync"
                 if result != "done" or job.state.phase is us.Phase.NEW:
                     # The signals (subscribed before the start) normally told us everything;
                     # read the unit only when they did not. Reading all its ~400 properties

@@ -193,3 +193,19 @@ async def test_a_late_jobremoved_of_a_dropped_start_does_not_end_the_next_one() 
     assert not done, "the first attempt's JobRemoved ended the second"
     launcher._on_job_removed("/job/2", "shell-0-r11.service", "done")
     assert (await asyncio.wait_for(task, 1)).pid == 4242
+
+
+async def test_a_start_job_over_the_timeout_that_ran_is_followed() -> None:
+    m = ScriptedManager([None], [RUNNING])  # no JobRemoved within start-timeout (0.2 s)
+    launcher = _launcher(m)
+    launcher.config = ExecConfig(sdexec=SiteConfig(start_timeout=0.2))
+    assert (await launcher.start(_spec("r12"))).pid == 4242
+
+
+async def test_a_start_job_still_queued_at_the_timeout_is_cancelled_retry() -> None:
+    m = ScriptedManager([None], [QUEUED])
+    launcher = _launcher(m)
+    launcher.config = ExecConfig(sdexec=SiteConfig(start_timeout=0.2))
+    with pytest.raises(LaunchError, match=r"did not start .* within 0.2s.*did not run; retry"):
+        await launcher.start(_spec("r13"))
+    assert "StopUnit" in m.calls
