@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from types import FrameType
 
 SYSTEM_SOCKET = "/run/sdexec/sdexec.sock"
-_IN_PROCESS = frozenset({"-c", "--config", "-h", "--help"})
+_IN_PROCESS = frozenset({"-c", "--config", "-h", "--help", "--dry-run"})
 
 
 def socket_path(user: bool) -> str:

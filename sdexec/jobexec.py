@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from .binding import Binding
 from .channel import DEVNULL, PIPE
 from .config import ExecConfig
 from .errors import LaunchError, RefusedError, SdexecError, UsageError
@@ -51,6 +52,7 @@ class JobRequest:
     keep_failed_unit: bool = False
     time_limit: float | None = None
     shells: int = 1  # shells of this job on this node: ranks rank .. rank+shells-1
+    binding: Binding = field(default_factory=Binding)  # its cores/GPUs on this node
 
     def owner_uid(self) -> int:
         return os.getuid() if self.owner is None else owner_uid(self.owner)
@@ -350,6 +352,7 @@ async def _start_shells(
                 guest_user=req.owner if guest else None,
                 shell=shell,
                 keep_failed_unit=req.keep_failed_unit,
+                binding=req.binding,
             )
             try:
                 job: BaseJob = await launcher.start(spec, on_drain=on_drain, on_update=on_update)
