@@ -12,7 +12,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from . import __version__
 from .errors import SdexecError, UsageError
@@ -33,11 +33,30 @@ HANDLERS = {
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but errors are a UsageError (one line naming the argument, exit code 2), so
-    the server can answer a client's bad arguments instead of exiting."""
+    the server can answer a client's bad arguments instead of exiting; and no abbreviations:
+    ``--he`` must not mean ``--help`` (nor ``--conf`` ``--config``), whatever is added later."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         where = self.prog.removeprefix("sdexec").strip()
         raise UsageError(f"{where + ': ' if where else ''}{message} (see '{self.prog} --help')")
+
+
+class _ServedParser(_Parser):
+    """The parser of a request the server received: it prints nothing (that would go to the
+    server's journal) and never exits (``--help``/``--version`` are the client's to print)."""
+
+    def _print_message(self, message: str, file: Any = None) -> None:
+        pass
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        raise UsageError(
+            "run: --help and --version are not served by the sdexec server "
+            "(run 'sdexec run --help' in a terminal)"
+        )
 
 
 def _natural(text: str) -> int:
@@ -50,6 +69,17 @@ def _positive(text: str) -> int:
     n = _natural(text)
     if n < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be 1 or more")
+    return n
+
+
+MAX_SHELLS = 1024
+"""Shells of one job on one node: each is a unit, a client must not make the node start 1e5."""
+
+
+def _shells(text: str) -> int:
+    n = _positive(text)
+    if n > MAX_SHELLS:
+        raise argparse.ArgumentTypeError(f"{text!r} is more than {MAX_SHELLS} shells on one node")
     return n
 
 
@@ -70,15 +100,17 @@ def _add_json(p: argparse.ArgumentParser) -> None:
 COMMANDS = ("run", "attach", "config", "stats", "jobs", "drain", "serve")
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+def build_parser(only: str | None = None, *, served: bool = False) -> argparse.ArgumentParser:
     """The parser; with ``only``, just that subcommand's (argparse is slow to build: a short
-    job's start pays for every parser built, so ``sdexec run`` builds one)."""
-    parser = _Parser(prog="sdexec", description="Run HPC jobs as transient systemd units.")
+    job's start pays for every parser built, so ``sdexec run`` builds one). ``served``: for
+    the server's requests (see :class:`_ServedParser`)."""
+    cls = _ServedParser if served else _Parser
+    parser = cls(prog="sdexec", description="Run HPC jobs as transient systemd units.")
     parser.add_argument("--version", action="version", version=f"sdexec {__version__}")
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)"
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=cls)
     sub.required = True
     for name in COMMANDS:
         if only is None or only == name:
@@ -115,7 +147,7 @@ def _build_run(sub: Any) -> None:
     )
     run.add_argument(
         "--shells",
-        type=_positive,
+        type=_shells,
         default=1,
         metavar="N",
         help="shells of this job on the node (ranks RANK..RANK+N-1), meeting at the start barrier",

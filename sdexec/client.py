@@ -17,8 +17,12 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from types import FrameType
+
+TYPE_CHECKING = False  # typing costs a job's start ~1 ms: annotations only
+if TYPE_CHECKING:
+    from typing import Any
 
 SYSTEM_SOCKET = "/run/sdexec/sdexec.sock"
 _IN_PROCESS = frozenset({"-c", "--config", "-h", "--help", "--dry-run"})
@@ -36,13 +40,17 @@ def socket_path(user: bool) -> str:
 
 
 def wants_server(argv: Sequence[str]) -> bool:
-    """Only ``run`` without its own config (the server has the node's) and without --help."""
-    if not argv or argv[0] != "run" or os.environ.get("SDEXEC_NO_SERVER"):
+    """``run`` and ``attach`` without their own config (the server has the node's) or --help.
+
+    Every spelling of a config option (``-c PATH``, ``-cPATH``, ``--config=PATH``) runs
+    in-process; the server refuses any it still gets rather than ignore it.
+    """
+    if not argv or argv[0] not in ("run", "attach") or os.environ.get("SDEXEC_NO_SERVER"):
         return False
     for arg in argv[1:]:
         if arg == "--":
             break
-        if arg in _IN_PROCESS or arg.startswith("--config="):
+        if arg in _IN_PROCESS or arg.startswith(("--config=", "-c")):
             return False
     return True
 
@@ -62,15 +70,51 @@ def _options(argv: Sequence[str]) -> Sequence[str]:
     return argv[1 : list(argv).index("--")] if "--" in argv else argv[1:]
 
 
+class _Lost(Exception):
+    """The connection to the server ended before its answer."""
+
+
+def _answers(sock: socket.socket) -> Iterator[dict[str, Any]]:
+    """The server's messages, one JSON object a line; _Lost when the connection ends first
+    (a server killed or restarted resets it: that is no reason for a traceback)."""
+    try:
+        for line in sock.makefile("rb"):
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(msg, dict):
+                yield msg
+    except OSError:
+        pass
+    raise _Lost
+
+
+def _say(msg: dict[str, Any]) -> int | None:
+    for text in msg.get("stderr", ()):
+        sys.stderr.write(f"{text}\n")
+    if "exit" in msg:
+        sys.stderr.flush()
+        return int(msg["exit"])
+    return None
+
+
 def run_via_server(argv: Sequence[str]) -> int | None:
     """The exit code, or None when there is no server (the caller runs in-process)."""
+    if argv[0] == "attach":
+        return attach_via_server(argv)
     sock = _connect(socket_path("--user" in _options(argv)))
     if sock is None:
         return None
+    accepted: str | None = None
     with sock:
         request = {"op": "run", "argv": list(argv[1:]), "env": dict(os.environ), "cwd": os.getcwd()}
         data = json.dumps(request).encode() + b"\n"
-        socket.send_fds(sock, [data], [0, 1, 2])
+        try:
+            socket.send_fds(sock, [data], [0, 1, 2])
+        except OSError as e:
+            sys.stderr.write(f"sdexec: could not hand the job to the sdexec server: {e}\n")
+            return 125
 
         def cancel(signum: int, _frame: FrameType | None) -> None:
             try:
@@ -80,42 +124,84 @@ def run_via_server(argv: Sequence[str]) -> int | None:
 
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, cancel)
-        started: str | None = None
-        for line in sock.makefile("rb"):
-            msg = json.loads(line)
-            if "started" in msg:
-                started = str(msg["started"])
-            for text in msg.get("stderr", ()):
-                sys.stderr.write(text + "\n")
-            if "exit" in msg:
-                sys.stderr.flush()
-                return int(msg["exit"])
-    if started is None:
-        sys.stderr.write("sdexec: the sdexec server closed the connection before the job started\n")
+        try:
+            for msg in _answers(sock):
+                if "accepted" in msg:
+                    accepted = str(msg["accepted"])
+                code = _say(msg)
+                if code is not None:
+                    return code
+        except _Lost:
+            pass
+    if accepted is None:
+        # The server answers "accepted" before it starts anything: without it, nothing ran.
+        sys.stderr.write(
+            "sdexec: the sdexec server closed the connection before it accepted the job "
+            "(the job did not run)\n"
+        )
         return 125
     # The server went away (restarted?) while the job runs: the next one (socket activation
     # starts it) takes the job over; ask it for the end.
-    sys.stderr.write(f"sdexec: lost the sdexec server; following job {started} again\n")
-    return _reattach(argv, started)
+    sys.stderr.write(f"sdexec: lost the sdexec server; following job {accepted} again\n")
+    return _reattach(socket_path("--user" in _options(argv)), accepted, "--json" in _options(argv))
 
 
-def _reattach(argv: Sequence[str], jobid: str) -> int:
-    options = _options(argv)
-    path = socket_path("--user" in options)
+def _attach_options(argv: Sequence[str]) -> tuple[str, bool, bool] | None:
+    """``attach --job ID [--json] [--user]``; None for anything else (in-process parses it)."""
+    jobid, json_out, user = None, False, False
+    args = list(argv[1:])
+    while args:
+        arg = args.pop(0)
+        if arg == "--job" and args:
+            jobid = args.pop(0)
+        elif arg.startswith("--job="):
+            jobid = arg.removeprefix("--job=")
+        elif arg == "--json":
+            json_out = True
+        elif arg == "--user":
+            user = True
+        else:
+            return None
+    return (jobid, json_out, user) if jobid is not None else None
+
+
+def attach_via_server(argv: Sequence[str]) -> int | None:
+    """``sdexec attach`` through the server, which may be the one still running the job."""
+    options = _attach_options(argv)
+    if options is None:
+        return None
+    jobid, json_out, user = options
+    path = socket_path(user)
+    if _connect_quiet(path) is False:
+        return None
+    return _reattach(path, jobid, json_out)
+
+
+def _connect_quiet(path: str) -> bool:
+    sock = _connect(path)
+    if sock is None:
+        return False
+    sock.close()
+    return True
+
+
+def _reattach(path: str, jobid: str, json_out: bool) -> int:
     for delay in (0.1, 0.2, 0.5, 1, 2, 5, 10):
         sock = _connect(path)
         if sock is None:
             time.sleep(delay)
             continue
         with sock:
-            request = {"op": "attach", "jobid": jobid, "json": "--json" in options}
-            sock.sendall(json.dumps(request).encode() + b"\n")
-            for line in sock.makefile("rb"):
-                msg = json.loads(line)
-                for text in msg.get("stderr", ()):
-                    sys.stderr.write(text + "\n")
-                if "exit" in msg:
-                    return int(msg["exit"])
+            request = {"op": "attach", "jobid": jobid, "json": json_out}
+            try:
+                sock.sendall(json.dumps(request).encode() + b"\n")
+                for msg in _answers(sock):
+                    code = _say(msg)
+                    if code is not None:
+                        return code
+            except (_Lost, OSError):
+                time.sleep(delay)  # that server went away too: the next one takes over
+                continue
     sys.stderr.write(f"sdexec: no sdexec server to follow job {jobid}; see 'sdexec attach'\n")
     return 125
 

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING
 
 from .config import load_config
-from .errors import LaunchError, UsageError
+from .errors import LaunchError, RefusedError, UsageError
 
 if TYPE_CHECKING:
     from .binding import Binding
@@ -55,17 +55,49 @@ def _command(args: argparse.Namespace) -> list[str]:
 
 
 def build_request(
-    args: argparse.Namespace, environ: Mapping[str, str], cwd: str, owner: str | None
+    args: argparse.Namespace,
+    environ: Mapping[str, str],
+    cwd: str,
+    owner: str | None,
+    caller_uid: int | None = None,
 ) -> JobRequest:
-    """The job ``sdexec run ARGS`` asks for: from this process, or from a client of the server."""
+    """The job ``sdexec run ARGS`` asks for: from this process, or from a client of the server.
+
+    ``caller_uid`` is who asks (the server's client, from SO_PEERCRED); a job that root runs
+    for another user gets a fresh environment for that user (and that user's home as its
+    default directory): the caller's variables, secrets and agent sockets included, are the
+    caller's and never reach someone else's job.
+    """
+    from .start import (
+        check_command,
+        check_environment,
+        guest_base_environment,
+        guest_passwd,
+        usable_environment,
+    )
+
     cmd = _command(args)
     attrs = parse_assignments(args.setattr, "--setattr")
-    from .start import check_environment
-
     extra_env = parse_assignments(args.env, "--env")
     check_environment(extra_env, "--env")
-    env = dict(environ)
+    caller = os.getuid() if caller_uid is None else caller_uid
+    from .jobexec import owner_uid
+
+    if owner is not None and owner_uid(owner) != caller:
+        if caller != 0:
+            raise RefusedError(
+                "--owner: only the instance owner (root) may run jobs for other users"
+            )
+        pw = guest_passwd(str(owner_uid(owner)))
+        env = guest_base_environment(pw)
+        default_cwd = pw.pw_dir if os.path.isdir(pw.pw_dir) else "/"
+    else:
+        env = usable_environment(environ)
+        default_cwd = cwd
     env.update(extra_env)
+    check_environment(env)
+    job_cwd = args.cwd or default_cwd
+    check_command(cmd, job_cwd)
     jobid = args.job if args.job is not None else new_jobid()
     from .unitname import check_jobid
 
@@ -84,7 +116,7 @@ def build_request(
         jobid=jobid,
         argv=cmd,
         env=env,
-        cwd=args.cwd or cwd,
+        cwd=job_cwd,
         attrs=attrs,
         owner=owner,
         rank=args.rank,

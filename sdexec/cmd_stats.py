@@ -58,6 +58,8 @@ def job_stats(rec: JobRecord, now: float | None = None) -> dict[str, object]:
     if now is None:
         now = time.time()
     out: dict[str, object] = {
+        "jobid": rec.jobid,
+        "rank": rec.rank,
         "unit": rec.unit,
         "pid": rec.pid,
         "service": rec.service,
@@ -90,7 +92,11 @@ def stats(db: StateDB, cfg: ExecConfig) -> dict[str, object]:
     return {
         "config": config_stats(cfg),
         "drained": [d.to_json() for d in db.drains()],
-        "jobs": {rec.jobid: job_stats(rec, now) for rec in db.list_jobs(live_only=True)},
+        # keyed by job id as Flux's stats are; a node's further shells of one job by unit
+        "jobs": {
+            rec.jobid if rec.rank == 0 else rec.unit: job_stats(rec, now)
+            for rec in db.list_jobs(live_only=True)
+        },
     }
 
 
@@ -171,7 +177,9 @@ def jobs(args: argparse.Namespace) -> int:
     _, db = open_state(args)
     with db:
         records = db.list_jobs()
-    orphans = _orphans({rec.unit for rec in records})
+    # systemd lists every unit to anyone: only root (whose records are the node's) can tell
+    # an orphan from another user's job
+    orphans = _orphans({rec.unit for rec in records}) if os.geteuid() == 0 else []
     if getattr(args, "json", False):
         out = [{**rec.to_json(), "launcher_alive": rec.launcher_alive()} for rec in records]
         out += [{"jobid": None, "unit": unit, "state": "orphan"} for unit in orphans]

@@ -12,8 +12,9 @@ import logging
 import math
 import os
 import re
+import stat
 import string
-import sys
+import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -31,11 +32,6 @@ from .properties import (
 )
 from .show import dotted, show_value
 from .signals import parse_signal, signal_name
-
-if sys.version_info >= (3, 11):  # noqa: UP036 - tomli keeps older Pythons working
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 __all__ = [
     "DEFAULT_CONF_DIR",
@@ -84,7 +80,11 @@ SDEXEC_KEYS = (
     "bind-scale-memory",
     "stdio-eof-timeout",
     "start-timeout",
+    "guest-credentials",
 )
+GUEST_CREDENTIALS = ("imp", "systemd")
+MAX_CONFIG_BYTES = 1 << 20
+"""A config file is a few KiB: a bigger one (or /dev/zero) is a mistake, not something to read."""
 TESTEXEC_KEYS = ("allow-guests",)
 OUR_TABLES = ("exec", "sdexec")
 # Flux's own tables: never mistaken for a misspelt [exec] even if they look alike.
@@ -130,6 +130,10 @@ class SiteConfig:
     bind_scale_memory: tuple[str, ...] = SCALABLE  # scaled by a bound job's share of CPUs
     stdio_eof_timeout: float = 10.0
     start_timeout: float = 30.0
+    # How a guest's job gets the guest's credentials: through exec.imp (the reference's only
+    # way), or from systemd itself (the unit's User=/Group=/SupplementaryGroups=; a root
+    # launcher on the system manager), where systemd drops privileges before chdir and exec.
+    guest_credentials: str = "imp"
 
     def resolved_state_dir(self) -> str:
         return self.state_dir if self.state_dir is not None else default_state_dir()
@@ -217,6 +221,7 @@ class ExecConfig:
             sd["bind-scale-memory"] = list(site.bind_scale_memory)
         sd["stdio-eof-timeout"] = format_fsd(site.stdio_eof_timeout)
         sd["start-timeout"] = format_fsd(site.start_timeout)
+        sd["guest-credentials"] = site.guest_credentials
         return {"exec": ex, "sdexec": sd}
 
 
@@ -438,7 +443,16 @@ def _parse_site(data: Mapping[str, Any], c: _Checker) -> SiteConfig:
         example="30s",
     )  # fmt: skip
     assert stdio is not None and start is not None
+    guest_credentials = sd.get("guest-credentials", defaults.guest_credentials)
+    if guest_credentials not in GUEST_CREDENTIALS:
+        c.error(
+            (*P, "guest-credentials"),
+            f'{show_value(guest_credentials)} is not one of "imp" (through exec.imp) or '
+            '"systemd" (the unit\'s User=, for a root launcher on the system manager)',
+        )
+        guest_credentials = defaults.guest_credentials
     return SiteConfig(
+        guest_credentials=guest_credentials,
         state_dir=state_dir,
         drain_command=drain,
         slice=slice_,
@@ -554,10 +568,36 @@ def parse_config(data: Mapping[str, Any], file: str | None = None) -> ExecConfig
 _TOML_POS_RE = re.compile(r"(?P<msg>.*) \(at line (?P<line>\d+), column (?P<col>\d+)\)")
 
 
+def _read_bounded(file: str) -> bytes:
+    """The file's bytes, if it is a regular file of sane size: a fifo would block forever,
+    /dev/zero or a huge file would exhaust memory."""
+    fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(None, "is not a regular file (a TOML file is expected)", file)
+        if st.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                None, f"is {st.st_size} bytes long (a config file is at most 1 MiB)", file
+            )
+        chunks = []
+        left = MAX_CONFIG_BYTES + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 65536))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        if left <= 0:
+            raise ConfigError(None, "is longer than 1 MiB (a config file is at most 1 MiB)", file)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def _read_toml(file: str) -> dict[str, Any]:
     try:
-        with open(file, "rb") as f:
-            return tomllib.load(f)
+        return tomllib.loads(_read_bounded(file).decode("utf-8"))
     except tomllib.TOMLDecodeError as e:
         m = _TOML_POS_RE.fullmatch(str(e))
         message = f"line {m['line']}, column {m['col']}: {m['msg']}" if m else str(e)
@@ -606,9 +646,21 @@ def _record(value: Any, path: Path, file: str, origins: dict[Path, str]) -> None
 
 
 def _files(path: str) -> list[str]:
+    """The files to read: a file as named, or a directory's ``*.toml`` in name order. An
+    entry that is not a regular file (a dangling link, a fifo) is an error, never skipped:
+    a silently ignored drop-in is a setting the site believes applies."""
     if os.path.isdir(path):
         pattern = os.path.join(glob.escape(path), "*.toml")
-        return sorted((f for f in glob.glob(pattern) if os.path.isfile(f)), key=os.path.basename)
+        found = sorted(glob.glob(pattern), key=os.path.basename)
+        errors = []
+        for f in found:
+            if os.path.islink(f) and not os.path.exists(f):
+                errors.append(ConfigError(None, "is a dangling symbolic link", f))
+            elif not os.path.isfile(f):
+                errors.append(ConfigError(None, "is not a regular file", f))
+        if errors:
+            raise combine_errors(errors)
+        return found
     if os.path.exists(path):
         return [path]
     raise ConfigError(

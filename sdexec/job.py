@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from .channel import EofReader
 from .clock import Clock, drive
+from .errors import SdexecError
 from .signals import signal_name
 from .stoptimer import Abandon, KillUnit, StopTimer
 from .termination import Drain, SignalShell, SignalTasks, Termination
@@ -172,6 +173,8 @@ class BaseJob(ABC):
         if self.on_update is not None:
             try:
                 self.on_update(self)
+            except SdexecError as e:  # e.g. a full disk under the state db: say it, go on
+                log.error("%s: recording the job's state failed: %s", self.name, e)
             except Exception:
                 log.exception("job update hook failed")
 

@@ -15,7 +15,7 @@ import os
 import pwd
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -29,6 +29,7 @@ from .show import show_value
 if TYPE_CHECKING:
     from .job import UpdateHook
     from .launcher import Launcher
+    from .statedb import JobRecord as StateRecord
     from .statedb import StateDB
     from .testexec import TestexecSpec
 
@@ -102,16 +103,30 @@ def select_service(cfg: ExecConfig, req: JobRequest) -> str:
                 f'--setattr {SERVICE_ATTR}: {wanted!r} is not a service (one of "rexec", "sdexec")'
             )
         service = wanted
-    if guest and not cfg.imp:
-        raise RefusedError(
-            f"job {req.jobid}: owner {show_value(req.owner)} is not the instance owner "
-            "and exec.imp "
-            "is not set: "
-            "guest jobs run only through the IMP"
-        )
+    if guest:
+        guest_policy(cfg, req)
     if guest and service == "rexec":
         raise RefusedError(f"job {req.jobid}: guest jobs need the sdexec service (exec.service)")
     return service
+
+
+def guest_policy(cfg: ExecConfig, req: JobRequest) -> str:
+    """How a guest's job gets the guest's credentials ("imp" or "systemd"), or a refusal."""
+    mode = cfg.sdexec.guest_credentials
+    if mode == "systemd":
+        if os.geteuid() != 0 or req.user_manager:
+            raise RefusedError(
+                f"job {req.jobid}: [sdexec] guest-credentials = \"systemd\" runs guests with "
+                "the unit's User=, which needs a root launcher on the system manager"
+            )
+        return mode
+    if not cfg.imp:
+        raise RefusedError(
+            f"job {req.jobid}: owner {show_value(req.owner)} is not the instance owner "
+            "and exec.imp is not set: guest jobs run only through the IMP "
+            '(or set [sdexec] guest-credentials = "systemd" on a root launcher)'
+        )
+    return mode
 
 
 @dataclass
@@ -125,6 +140,15 @@ class Handle:
     error: str | None = None  # a job-level failure (barrier), beyond the shells' own
     cleanup: list[Any] = field(default_factory=list)
     owner_uids: set[int] = field(default_factory=set)
+    keep_records: bool = False  # keep finished records: nobody has taken the status yet
+    # called once, when the job is recorded and before anything of it starts: a server tells
+    # its client the job id then, so a client that loses the server can follow the job again
+    on_accepted: Callable[[], Awaitable[None]] | None = None
+
+    async def accepted(self) -> None:
+        hook, self.on_accepted = self.on_accepted, None
+        if hook is not None:
+            await hook()
 
     @property
     def name(self) -> str:
@@ -201,12 +225,13 @@ def open_db(cfg: ExecConfig) -> StateDB:
     return StateDB.open(cfg.sdexec.resolved_state_dir())
 
 
-def _record(db: StateDB, req: JobRequest, key: str, service: str, unit: str) -> None:
+def _record(db: StateDB, req: JobRequest, rank: int, service: str, unit: str) -> None:
     from .statedb import JobRecord
 
     db.add_job(
         JobRecord(
-            jobid=key,
+            jobid=req.jobid,
+            rank=rank,
             unit=unit,
             service=service,
             owner_uid=req.owner_uid(),
@@ -218,7 +243,7 @@ def _record(db: StateDB, req: JobRequest, key: str, service: str, unit: str) -> 
     )
 
 
-def _publisher(db: StateDB, jobid: str) -> UpdateHook:
+def _publisher(db: StateDB, jobid: str, rank: int) -> UpdateHook:
     """Mirror a job's state into the node's database, for ``sdexec stats`` and re-attach."""
 
     def publish(job: BaseJob) -> None:
@@ -233,6 +258,7 @@ def _publisher(db: StateDB, jobid: str) -> UpdateHook:
             state = "running"
         db.update_job(
             jobid,
+            rank,
             state=state,
             pid=job.pid,
             exit_status=job.wait_status,
@@ -241,11 +267,6 @@ def _publisher(db: StateDB, jobid: str) -> UpdateHook:
         )
 
     return publish
-
-
-def record_key(jobid: str, rank: int, shells: int) -> str:
-    """The state db holds one record per shell: the job id itself when the node runs one."""
-    return jobid if shells == 1 else f"{jobid}.{rank}"
 
 
 async def start_job(
@@ -258,13 +279,23 @@ async def start_job(
     stderr: int = PIPE,
     launcher: Launcher | None = None,
     db: StateDB | None = None,
+    on_accepted: Callable[[], Awaitable[None]] | None = None,
 ) -> Handle:
     """Start ``req``'s shells with ``service``; ``close()`` on the handle undoes everything.
+
+    ``on_accepted`` is awaited once the job is recorded, before any unit or process starts;
+    if it raises (the client went away), nothing starts.
 
     Nothing is started for a refused job; a job whose second shell fails to start has its
     first one killed; a record stays only for an abandoned shell (for post-mortem).
     """
-    handle = Handle(jobid=req.jobid, service=service, db=db, owner_uids={req.owner_uid()})
+    handle = Handle(
+        jobid=req.jobid,
+        service=service,
+        db=db,
+        owner_uids={req.owner_uid()},
+        on_accepted=on_accepted,
+    )
     if db is None:  # a resident server passes its own, open for all jobs
         db = handle.db = open_db(cfg)
         handle.cleanup.append(db.close)
@@ -296,7 +327,8 @@ def _shell_prefix(cfg: ExecConfig, req: JobRequest) -> tuple[str, ...]:
     """
     if cfg.job_shell:
         return (cfg.job_shell, "--")
-    if req.guest() or req.shells > 1:
+    via_imp = req.guest() and cfg.sdexec.guest_credentials == "imp"
+    if via_imp or req.shells > 1:
         return (sys.executable, "-m", "sdexec.shell", "--")
     return ()
 
@@ -313,6 +345,7 @@ async def _start_shells(
     db = handle.db
     assert db is not None
     guest = req.guest()
+    via_imp = guest and cfg.sdexec.guest_credentials == "imp"
     shell = _shell_prefix(cfg, req)
     barrier_path = None
     if req.shells > 1:
@@ -324,7 +357,6 @@ async def _start_shells(
         await launcher.connect()
         handle.cleanup.append(launcher.close)
     for rank in range(req.rank, req.rank + req.shells):
-        key = record_key(req.jobid, rank, req.shells)
         env = dict(req.env)
         env.update(SDEXEC_JOBID=req.jobid, SDEXEC_RANK=str(rank), SDEXEC_SIZE=str(req.shells))
         if barrier_path:
@@ -333,13 +365,18 @@ async def _start_shells(
         async def on_drain(job: BaseJob, reason: str) -> None:
             await _drain(cfg, db, reason, req.jobid, job.name)
 
-        on_update = _publisher(db, key)
+        on_update = _publisher(db, req.jobid, rank)
         if handle.service == "sdexec":
             assert launcher is not None
             from .launcher import JobSpec
             from .unitname import unit_name
 
-            _record(db, req, key, "sdexec", unit_name(req.jobid, rank, guest=guest))
+            _record(db, req, rank, "sdexec", unit_name(req.jobid, rank, guest=via_imp))
+            try:
+                await handle.accepted()
+            except BaseException:
+                db_remove(db, req.jobid, rank)
+                raise
             spec = JobSpec(
                 jobid=req.jobid,
                 argv=list(req.argv),
@@ -349,7 +386,8 @@ async def _start_shells(
                 stdin=stdin if rank == req.rank else DEVNULL,
                 stdout=stdout,
                 stderr=stderr,
-                guest_user=req.owner if guest else None,
+                guest_user=str(req.owner_uid()) if via_imp else None,
+                run_as=str(req.owner_uid()) if guest and not via_imp else None,
                 shell=shell,
                 keep_failed_unit=req.keep_failed_unit,
                 binding=req.binding,
@@ -357,14 +395,15 @@ async def _start_shells(
             try:
                 job: BaseJob = await launcher.start(spec, on_drain=on_drain, on_update=on_update)
             except BaseException:
-                db_remove(db, key)
+                db_remove(db, req.jobid, rank)
                 raise
         else:
             from .rexec import RexecJob
 
             name = f"rexec-{rank}-{req.jobid}"
-            _record(db, req, key, "rexec", name)
+            _record(db, req, rank, "rexec", name)
             try:
+                await handle.accepted()
                 job = await RexecJob.start(
                     cfg,
                     jobid=req.jobid,
@@ -379,10 +418,12 @@ async def _start_shells(
                     on_update=on_update,
                 )
             except BaseException:
-                db_remove(db, key)
+                db_remove(db, req.jobid, rank)
                 raise
         handle.jobs.append(job)
-        handle.cleanup.append(lambda key=key: _finish_record(db, key))
+        handle.cleanup.append(
+            lambda job=job, rank=rank: _finish_record(handle, db, job, req.jobid, rank)
+        )
 
 
 async def _start_barrier(cfg: ExecConfig, req: JobRequest, handle: Handle) -> str:
@@ -415,6 +456,13 @@ async def _start_barrier(cfg: ExecConfig, req: JobRequest, handle: Handle) -> st
             log.error("job %s: %s", req.jobid, handle.error)
             waiting = getattr(e, "waiting", [])
             handle.cancel("cancel")
+            if req.guest():
+                # A guest's shells run as the guest, who can stop them (SIGSTOP, ptrace)
+                # before they arrive: draining would let any user take the node out of
+                # service. Only the instance owner's shells are trusted to say "node fault".
+                log.warning("job %s: guest job's barrier failed: job failed, node not drained",
+                            req.jobid)
+                return
             await _drain(
                 cfg,
                 db,
@@ -438,19 +486,26 @@ async def _start_barrier(cfg: ExecConfig, req: JobRequest, handle: Handle) -> st
     return path
 
 
-def db_remove(db: StateDB, key: str) -> None:
+def db_remove(db: StateDB, jobid: str, rank: int) -> None:
     try:
-        db.remove_job(key)
-    except Exception:  # the db may be closed already
-        log.debug("remove_job(%s) failed", key, exc_info=True)
+        db.remove_job(jobid, rank)
+    except Exception as e:  # the db may be closed already, or the disk full (retried later)
+        log.warning("removing the record of job %s rank %d failed: %s", jobid, rank, e)
 
 
-def _finish_record(db: StateDB, key: str) -> None:
-    """A finished shell's record goes; an abandoned one (post-mortem) or a running one (its
-    launcher is going away: re-attach needs it) stays."""
-    rec = db.get_job(key)
-    if rec is not None and rec.state == "finished":
-        db.remove_job(key)
+def _finish_record(handle: Handle, db: StateDB, job: BaseJob, jobid: str, rank: int) -> None:
+    """A finished shell's record goes, unless nobody took its status (``keep_records``: the
+    client of a server went away; ``sdexec attach`` collects it later); an abandoned one
+    (post-mortem) or a running one (its launcher is going away: re-attach needs it) stays.
+
+    The job itself says which, not the record: a record whose last update failed (a full
+    disk) must not outlive a job that ended."""
+    if job.running or job.result == "abandoned":
+        return
+    if handle.keep_records:
+        job.publish()  # once more, in case the last update did not get through
+        return
+    db_remove(db, jobid, rank)
 
 
 class SimulatedJob(BaseJob):
@@ -502,17 +557,22 @@ async def _start_testexec(cfg: ExecConfig, req: JobRequest, handle: Handle) -> N
     if spec.mock_exception == "init":
         raise LaunchError(f"job {req.jobid}: mock init exception (testexec)")
     name = f"testexec-{req.rank}-{req.jobid}"
-    _record(db, req, req.jobid, "testexec", name)
+    _record(db, req, req.rank, "testexec", name)
+    try:
+        await handle.accepted()
+    except BaseException:
+        db_remove(db, req.jobid, req.rank)
+        raise
     job = SimulatedJob(
         req.jobid,
         name,
         clock=MonotonicClock(),
         eof_timeout=0,
-        on_update=_publisher(db, req.jobid),
+        on_update=_publisher(db, req.jobid, req.rank),
     )
     job.spawn(job.run(spec, req.time_limit))
     handle.jobs.append(job)
-    handle.cleanup.append(lambda: _finish_record(db, req.jobid))
+    handle.cleanup.append(lambda: _finish_record(handle, db, job, req.jobid, req.rank))
 
 
 async def sweep_abandoned(cfg: ExecConfig, db: StateDB, *, user_manager: bool = False) -> list[str]:
@@ -545,7 +605,7 @@ async def sweep_abandoned(cfg: ExecConfig, db: StateDB, *, user_manager: bool = 
                 except BusCallError as e:
                     log.warning("%s: ResetFailedUnit: %s", rec.unit, e)
                     continue
-            db.remove_job(rec.jobid)
+            db.remove_job(rec.jobid, rec.rank)
             cleaned.append(rec.unit)
             log.info("cleaned up %s of abandoned job %s", rec.unit, rec.jobid)
     finally:
@@ -568,6 +628,42 @@ async def orphan_units(known: set[str], *, user_manager: bool = False) -> list[s
     return sorted(u[0] for u in units if u[0] not in known)
 
 
+class RecordedJob(BaseJob):
+    """A shell that ended while nobody waited for it: its status, as the record kept it."""
+
+    service = "sdexec"
+
+    def __init__(self, rec: StateRecord) -> None:
+        from .clock import MonotonicClock
+
+        super().__init__(rec.jobid, rec.unit, clock=MonotonicClock(), eof_timeout=0)
+        self.pid = rec.pid
+        self.error = rec.error
+        if rec.exit_status is not None:
+            self.wait_status = rec.exit_status
+        self.result = "abandoned" if rec.state == "abandoned" else None
+        self.finish_gone()
+
+    async def signal(self, signum: int, who: Who = "all") -> None:
+        pass
+
+    async def forget(self) -> None:
+        pass
+
+
+def check_attach(recs: Sequence[StateRecord], jobid: str, caller_uid: int | None) -> None:
+    """Whether ``caller_uid`` may attach to ``jobid``: before anything is adopted or said.
+
+    A caller other than root or the instance owner learns nothing of another user's job,
+    not even that it exists."""
+    if caller_uid is not None and caller_uid not in (0, os.getuid()):
+        recs = [r for r in recs if r.owner_uid == caller_uid] if recs else []
+        if not recs or any(r.owner_uid != caller_uid for r in recs):
+            raise RefusedError(f"attach: no job {jobid} of yours on this node")
+    if not recs:
+        raise RefusedError(f"attach: no record of job {jobid} on this node (see 'sdexec jobs')")
+
+
 async def attach_job(
     cfg: ExecConfig,
     jobid: str,
@@ -575,8 +671,13 @@ async def attach_job(
     user_manager: bool,
     db: StateDB | None = None,
     launcher: Launcher | None = None,
+    caller_uid: int | None = None,
 ) -> Handle:
-    """Take over the shells of ``jobid`` whose launcher died (``sdexec attach``)."""
+    """Take over the shells of ``jobid`` whose launcher died (``sdexec attach``), or collect
+    the status that a finished job's record kept because nobody was there to take it.
+
+    ``caller_uid``: who asks (a server's client); only the job's owner, root or the instance
+    owner may, and the check comes before anything is touched."""
     from .launcher import Launcher
 
     handle = Handle(jobid=jobid, service="sdexec", db=db)
@@ -584,36 +685,50 @@ async def attach_job(
         db = handle.db = open_db(cfg)
         handle.cleanup.append(db.close)
     try:
-        recs = [r for r in db.list_jobs() if r.jobid == jobid or r.jobid.startswith(jobid + ".")]
-        if not recs:
-            raise RefusedError(f"attach: no record of job {jobid} on this node (see 'sdexec jobs')")
+        all_recs = db.list_jobs(jobid=jobid)
+        check_attach(all_recs, jobid, caller_uid)
+        recs = all_recs
         for rec in recs:
             if rec.live and rec.launcher_alive() and rec.launcher_pid != os.getpid():
                 raise RefusedError(
                     f"attach: job {jobid} is still tracked by launcher pid {rec.launcher_pid}"
                 )
-            if rec.service != "sdexec":
+            if rec.service != "sdexec" and rec.live:
                 raise RefusedError(
                     f"attach: job {jobid} ran under {rec.service}: only sdexec units can be "
                     "re-attached (a plain process's status dies with its parent)"
                 )
-        if launcher is None:
+        handle.owner_uids.update(r.owner_uid for r in recs)
+        live = [r for r in recs if r.live]
+        for rec in recs:
+            if not rec.live:
+                recorded = RecordedJob(rec)
+                handle.jobs.append(recorded)
+                handle.cleanup.append(
+                    lambda j=recorded, r=rec: _finish_record(handle, db, j, r.jobid, r.rank)
+                )
+        if live and launcher is None:
             launcher = Launcher(cfg, user=user_manager)
             await launcher.connect()
             handle.cleanup.append(launcher.close)
-        for rec in recs:
+        for rec in live:
+            assert launcher is not None
 
             async def on_drain(job: BaseJob, reason: str) -> None:
                 await _drain(cfg, db, reason, jobid, job.name)
 
-            db.update_job(rec.jobid, launcher_pid=os.getpid())
-            handle.owner_uids.add(rec.owner_uid)
+            db.update_job(rec.jobid, rec.rank, launcher_pid=os.getpid())
             job = await launcher.adopt(
-                jobid, rec.unit, on_drain=on_drain, on_update=_publisher(db, rec.jobid)
+                jobid, rec.unit, on_drain=on_drain, on_update=_publisher(db, rec.jobid, rec.rank)
             )
+            if rec.state == "starting" and not job.running and job.wait_status is None:
+                # the launcher died between the record and the unit: the job never ran
+                job.error = f"job {jobid} was not started (its launcher stopped before the unit)"
             log.info("attached to %s (%s)", rec.unit, job.state.active_state or "gone")
             handle.jobs.append(job)
-            handle.cleanup.append(lambda key=rec.jobid: _finish_record(db, key))
+            handle.cleanup.append(
+                lambda j=job, r=rec: _finish_record(handle, db, j, r.jobid, r.rank)
+            )
     except BaseException:
         await handle.close()
         raise

@@ -32,14 +32,21 @@ from .channel import DEVNULL, PIPE, Channels
 from .clock import Clock, MonotonicClock
 from .config import ExecConfig
 from .enforce import CHECKS, base_name, check_cgroup, unenforceable
-from .errors import CommandNotExecutable, LaunchError, RefusedError
+from .errors import CommandNotExecutable, LaunchError, RefusedError, UsageError
 from .gate import Gate
 from .job import BaseJob, DrainHook, UpdateHook, Who
 from .properties import UnitProperty, collect_properties, combine_errors
 from .start import (
+    DEFAULT_PATH,
+    IMP_CWD_VAR,
+    IMP_ENV_VAR,
+    IMP_USER_VAR,
     UnitPlan,
     check_command,
     check_environment,
+    encode_environment,
+    guest_exec_prefix,
+    guest_passwd,
     properties,
     resolve_program,
     stop_timeout_usec,
@@ -67,6 +74,7 @@ class JobSpec:
     stdout: int = PIPE
     stderr: int = PIPE
     guest_user: str | None = None  # run through the IMP as this user
+    run_as: str | None = None  # run as this user (name or uid) with the unit's User=
     shell: Sequence[str] = ()  # job-shell argv prefix, e.g. ("/usr/libexec/flux/flux-shell",)
     keep_failed_unit: bool = False
     description: str | None = None
@@ -306,31 +314,61 @@ class Launcher:
     # --- starting ---------------------------------------------------------------------------
 
     def plan(self, spec: JobSpec, fds: tuple[int, int, int] | None) -> UnitPlan:
-        """The unit to start for ``spec``: validated and resolved, before anything starts."""
+        """The unit to start for ``spec``: validated and resolved, before anything starts.
+
+        A guest's command, environment and working directory are never looked at with our
+        privileges: through the IMP they travel as data that the IMP applies after it became
+        the guest (the unit itself gets a fixed environment and ``/``); with ``run_as`` systemd
+        drops privileges before it enters the directory and runs the command, and the
+        program is looked up on the guest's PATH by ``env``, as the guest.
+        """
         cfg = self.config
         env = dict(os.environ if spec.env is None else spec.env)
         check_environment(env)
         cwd = spec.cwd or os.getcwd()
         check_command(spec.argv, cwd)
-        via_imp = spec.guest_user is not None
-        argv = [*spec.shell, *spec.argv]
         if not spec.argv:
             raise LaunchError("the command is empty (usage: sdexec run [OPTIONS] -- CMD [ARG...])")
+        via_imp = spec.guest_user is not None
+        unit_env, unit_cwd, user = env, cwd, None
+        if via_imp and spec.run_as is not None:
+            raise UsageError(f"job {spec.jobid}: guest_user (IMP) and run_as exclude each other")
         if via_imp:
             if not cfg.imp:
                 raise RefusedError(
                     f"job {spec.jobid}: guest jobs need exec.imp (the privilege helper) to be set"
                 )
-            argv = [cfg.imp, "exec", *argv]
-        argv[0] = resolve_program(argv[0], env, cwd)
+            argv = [cfg.imp, "exec", *spec.shell, *spec.argv]
+            argv[0] = resolve_program(argv[0], {"PATH": DEFAULT_PATH}, "/")
+            unit_env = {
+                "PATH": DEFAULT_PATH,
+                IMP_USER_VAR: str(spec.guest_user),
+                IMP_ENV_VAR: encode_environment(env),
+                IMP_CWD_VAR: cwd,
+            }
+            unit_cwd = "/"
+        elif spec.run_as is not None:
+            if os.geteuid() != 0 or self.manager.user:
+                raise RefusedError(
+                    f"job {spec.jobid}: running a job as another user with the unit's User= "
+                    "needs a root launcher on the system manager ([sdexec] guest-credentials)"
+                )
+            pw = guest_passwd(spec.run_as)
+            argv = [*(spec.shell or guest_exec_prefix(spec.argv[0])), *spec.argv]
+            argv[0] = resolve_program(argv[0], {"PATH": DEFAULT_PATH}, "/")  # ours, not theirs
+            groups = [g for g in os.getgrouplist(pw.pw_name, pw.pw_gid) if g != pw.pw_gid]
+            user = (pw.pw_uid, pw.pw_gid, tuple(groups))
+        else:
+            argv = [*spec.shell, *spec.argv]
+            argv[0] = resolve_program(argv[0], env, cwd)
         props = bound_unit_properties(cfg, spec.binding) if spec.binding else cfg.unit_properties
         extra = tuple((p.name, p.signature, p.value) for p in props)
         self.refuse_unenforceable(spec.jobid, [name for name, _s, _v in extra])
         return UnitPlan(
             name=unit_name(spec.jobid, spec.rank, guest=via_imp),
             argv=tuple(argv),
-            env=env,
-            cwd=cwd,
+            env=unit_env,
+            cwd=unit_cwd,
             type="notify" if via_imp else "exec",
             kill_mode="process" if via_imp else "control-group",
             timeout_stop_usec=stop_timeout_usec(cfg.sdexec_stop_timer_sec, via_imp=via_imp),
@@ -339,6 +377,7 @@ class Launcher:
             extra=extra,
             fds=fds,
             expand_env=not self._exec_start_ex,
+            user=user,
         )
 
     def refuse_unenforceable(self, jobid: str, names: Sequence[str]) -> None:
@@ -364,8 +403,6 @@ class Launcher:
         """Start one shell's unit; the hooks override the launcher's for this job."""
         plan = self.plan(spec, (0, 1, 2))  # validates before any fd or unit exists
         via_imp = spec.guest_user is not None
-        if via_imp:
-            plan = replace(plan, env={**plan.env, "SDEXEC_IMP_USER": str(spec.guest_user)})
         checked = sorted({base_name(n) for n, _s, _v in plan.extra} & set(CHECKS))
         job = self._new_job(
             spec.jobid, plan.name, via_imp, spec.keep_failed_unit, on_drain, on_update
@@ -375,8 +412,9 @@ class Launcher:
             raise RefusedError(f"job {spec.jobid}: unit {plan.name} is already running here")
         channels = Channels.create(spec.stdin, spec.stdout, spec.stderr)
         job._channels = channels
-        if checked and not via_imp:
-            # the program waits at the gate until its cgroup was read back (sdexec/gate.py)
+        if checked and not via_imp and plan.user is None:
+            # the program waits at the gate until its cgroup was read back (sdexec/gate.py);
+            # a guest's unit (IMP, or User=) is checked once started: the gate is ours only
             job._gate = Gate()
             plan = replace(plan, argv=job._gate.wrap(plan.argv))
         loop = asyncio.get_running_loop()
@@ -445,7 +483,7 @@ class Launcher:
         if not problems:
             return
         reason = "; ".join(problems)
-        log.error("%s: %s", job.unit, reason)
+        log.info("%s: %s", job.unit, reason)
         if job.on_drain is not None:
             try:
                 await job.on_drain(job, f"{reason} (job {job.jobid}, unit {job.unit})")

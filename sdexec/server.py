@@ -22,19 +22,33 @@ import signal
 import socket
 import stat
 import struct
+import time
 from typing import Any
 
 from .client import socket_path
 from .cmd_run import build_request, outcome
 from .config import ExecConfig
-from .errors import RefusedError, SdexecError, UsageError
-from .jobexec import Handle, attach_job, open_db, owner_uid, select_service, start_job
+from .errors import LaunchError, RefusedError, SdexecError, UsageError
+from .jobexec import (
+    Handle,
+    attach_job,
+    check_attach,
+    db_remove,
+    open_db,
+    owner_uid,
+    select_service,
+    start_job,
+)
 from .launcher import Launcher
+from .statedb import StateDB
+from .unitname import check_jobid
 
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 4 << 20
 SD_LISTEN_FDS_START = 3
+KEEP_UNCLAIMED_SEC = 24 * 3600
+"""How long a finished job's status waits for ``sdexec attach`` when its client went away."""
 
 
 def _listen_socket(path: str) -> socket.socket:
@@ -79,10 +93,33 @@ class Server:
         self.launcher = Launcher(cfg, user=user)
         self._tasks: set[asyncio.Task[None]] = set()
         self.adopted: dict[str, asyncio.Future[tuple[Handle, asyncio.Task[int | None]]]] = {}
+        # jobs of connected clients (by job id): an attach for one waits for its end
+        self.running: dict[str, asyncio.Future[tuple[Handle, int | None]]] = {}
         from .cli import build_parser
 
-        self.parser = build_parser("run")  # argparse is slow to build: once, not per job
-        self.db = open_db(cfg)
+        self.parser = build_parser("run", served=True)  # slow to build: once, not per job
+        self.db: StateDB | None = None
+        self._db_error: str | None = None
+        try:
+            self.db = open_db(cfg)
+        except SdexecError as e:
+            # The server stays up to say so to every client, rather than dying at each
+            # socket activation until systemd gives up on the socket.
+            self._db_error = str(e)
+            log.error("the node's state database cannot be used: %s", e)
+
+    def _state(self) -> StateDB:
+        """The node's database, opened again if it could not be before (an admin fixed it)."""
+        if self.db is None:
+            try:
+                self.db = open_db(self.cfg)
+            except SdexecError as e:
+                self._db_error = str(e)
+                raise LaunchError(
+                    f"the node's state database cannot be used: {e} (ask the node's administrator)"
+                ) from None
+            log.info("the state database is usable again")
+        return self.db
 
     async def serve(self, path: str | None = None) -> None:
         loop = asyncio.get_running_loop()
@@ -118,7 +155,8 @@ class Server:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             await self.launcher.close()
-            self.db.close()
+            if self.db is not None:
+                self.db.close()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -126,12 +164,24 @@ class Server:
         task.add_done_callback(self._tasks.discard)
 
     async def readopt(self) -> None:
-        """Take over jobs whose launcher died, so none is left unwatched."""
+        """Take over jobs whose launcher died, so none is left unwatched; drop statuses that
+        waited too long for an attach."""
         manager = "user" if self.user else "system"
+        try:
+            db = self._state()
+            records = db.list_jobs()
+        except SdexecError as e:
+            log.error("cannot re-attach to jobs: %s", e)
+            return
+        now = time.time()
+        for r in records:
+            if r.state == "finished" and now - r.updated_at > KEEP_UNCLAIMED_SEC:
+                log.info("job %s: nobody collected its status in a day; dropping it", r.jobid)
+                db_remove(db, r.jobid, r.rank)
         orphans = {
-            _job_of(r.jobid)
-            for r in self.db.list_jobs(live_only=True)
-            if r.service == "sdexec" and r.manager == manager and not r.launcher_alive()
+            r.jobid
+            for r in records
+            if r.live and r.service == "sdexec" and r.manager == manager and not r.launcher_alive()
         }
         for jobid in sorted(orphans):
             try:
@@ -147,7 +197,7 @@ class Server:
         entry = self.adopted[jobid] = asyncio.get_running_loop().create_future()
         try:
             handle = await attach_job(
-                self.cfg, jobid, user_manager=self.user, db=self.db, launcher=self.launcher
+                self.cfg, jobid, user_manager=self.user, db=self._state(), launcher=self.launcher
             )
         except BaseException as e:
             del self.adopted[jobid]
@@ -159,6 +209,8 @@ class Server:
             raise
         log.info("re-attached to job %s", jobid)
         task = asyncio.ensure_future(self._finish_adopted(handle))
+        # once it ended, its status is given (once) and the entry goes: nothing piles up
+        task.add_done_callback(lambda _t: self.adopted.pop(jobid, None))
         entry.set_result((handle, task))
         return handle, task
 
@@ -173,6 +225,7 @@ class Server:
             await handle.close(kill=kill)
 
     async def handle(self, conn: socket.socket) -> None:
+        """One client: whatever it sends, it gets one answer line, and the server goes on."""
         loop = asyncio.get_running_loop()
         fds: list[int] = []
         handle: Handle | None = None
@@ -180,20 +233,27 @@ class Server:
         try:
             conn.setblocking(False)
             request, fds, rest = await self._receive(conn)
+            peer = _peer_uid(conn)
             if request["op"] == "attach":
-                code, lines = await self._attach(conn, request)
+                code, lines = await self._attach(request, peer)
             else:
-                code, lines, handle = await self._run(conn, request, fds, rest)
+                code, lines, handle = await self._run(conn, request, fds, rest, peer)
             await loop.sock_sendall(conn, _line({"exit": code, "stderr": lines}))
         except SdexecError as e:
             await _send_quietly(conn, {"exit": e.exit_code, "stderr": [f"sdexec: {e}"]})
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
             await _send_quietly(conn, {"exit": 2, "stderr": [f"sdexec: bad request: {e}"]})
         except OSError as e:
             log.info("client went away: %s", e)
         except asyncio.CancelledError:
             kill = False  # the server stops: the job goes on, the next server takes it over
             raise
+        except Exception:  # a bug must cost one request, never the server
+            log.exception("request failed")
+            await _send_quietly(
+                conn,
+                {"exit": 125, "stderr": ["sdexec: internal error (see the sdexec server's log)"]},
+            )
         finally:
             for fd in fds:
                 try:
@@ -222,56 +282,110 @@ class Server:
                 raise UsageError("the request ended early")
             data += more
         line, _, rest = data.partition(b"\n")
-        request = json.loads(line)
-        if request.get("op") not in ("run", "attach"):
-            raise UsageError(f"unknown request {request.get('op')!r}")
+        request = decode_request(line)
         if request["op"] == "run" and len(fds) != 3:
             raise UsageError(f"expected the client's stdin, stdout and stderr, got {len(fds)} fds")
         return request, list(fds), rest
 
-    async def _attach(self, conn: socket.socket, request: dict[str, Any]) -> tuple[int, list[str]]:
-        """A client whose server went away asks again for its job's end."""
-        jobid = str(request["jobid"])
-        peer = _peer_uid(conn)
+    async def _attach(self, request: dict[str, Any], peer: int) -> tuple[int, list[str]]:
+        """A client asks for a job's end: its own run's after losing the server, or any job
+        of its owner (``sdexec attach``). Ownership is checked before anything is touched."""
+        jobid = request.get("jobid")
+        if not isinstance(jobid, str):
+            raise UsageError("bad request: attach needs a job id (a string)")
+        check_jobid(jobid)
+        json_out = request.get("json") is True
+        db = self._state()
+        check_attach(db.list_jobs(jobid=jobid), jobid, peer)
+        running = self.running.get(jobid)
+        if running is not None:  # a client of ours that went away: its job is still ours
+            handle, rc = await asyncio.shield(running)
+            for r in db.list_jobs(jobid=jobid):  # the status goes to this attacher
+                if r.state == "finished":
+                    db_remove(db, r.jobid, r.rank)
+            return outcome(handle, rc, json_out=json_out)
         handle, task = await self.adopt(jobid)
-        if peer not in (0, os.getuid()) and handle.owner_uids != {peer}:
-            raise RefusedError(f"attach: job {jobid} is not yours")
         rc = await asyncio.shield(task)
-        return outcome(handle, rc, json_out=bool(request.get("json")))
+        return outcome(handle, rc, json_out=json_out)
 
-    async def _run(
-        self, conn: socket.socket, request: dict[str, Any], fds: list[int], rest: bytes
-    ) -> tuple[int, list[str], Handle]:
-        loop = asyncio.get_running_loop()
-        args = self.parser.parse_args(["run", *request["argv"]])
+    def _parse(self, argv: Any) -> Any:
+        if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+            raise UsageError("bad request: argv must be a list of strings")
+        args = self.parser.parse_args(["run", *argv])
+        if args.config is not None:
+            raise UsageError(
+                "--config: the sdexec server runs the node's configuration; to try another, "
+                "run in-process: SDEXEC_NO_SERVER=1 sdexec run --config PATH ..."
+            )
         if args.user != self.user:
             which = "user" if self.user else "system"
             raise UsageError(f"--user: this sdexec server runs jobs of the {which} manager")
-        owner = _owner(_peer_uid(conn), args.owner)
-        req = build_request(args, request["env"], request["cwd"], owner)
+        return args
+
+    async def _run(
+        self,
+        conn: socket.socket,
+        request: dict[str, Any],
+        fds: list[int],
+        rest: bytes,
+        peer: int,
+    ) -> tuple[int, list[str], Handle]:
+        loop = asyncio.get_running_loop()
+        args = self._parse(request.get("argv"))
+        env, cwd = request.get("env"), request.get("cwd")
+        if not isinstance(env, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+        ):
+            raise UsageError("bad request: env must be an object of strings")
+        if not isinstance(cwd, str):
+            raise UsageError("bad request: cwd must be a string")
+        owner = _owner(peer, args.owner)
+        req = build_request(args, env, cwd, owner, caller_uid=peer)
         service = select_service(self.cfg, req)
-        handle = await start_job(
-            self.cfg, req, service, stdin=fds[0], stdout=fds[1], stderr=fds[2],
-            launcher=self.launcher if service == "sdexec" else None, db=self.db,
-        )  # fmt: skip
+        if req.jobid in self.running:
+            raise RefusedError(f"job {req.jobid} is already running on this node")
+        done: asyncio.Future[tuple[Handle, int | None]] = loop.create_future()
+        self.running[req.jobid] = done
+
+        async def accepted() -> None:
+            # the job id before anything starts: a client that loses us can follow the job
+            await loop.sock_sendall(conn, _line({"accepted": req.jobid}))
+
+        try:
+            handle = await start_job(
+                self.cfg, req, service, stdin=fds[0], stdout=fds[1], stderr=fds[2],
+                launcher=self.launcher if service == "sdexec" else None, db=self._state(),
+                on_accepted=accepted,
+            )  # fmt: skip
+        except BaseException as e:
+            del self.running[req.jobid]
+            if isinstance(e, Exception):
+                done.set_exception(e)
+                done.exception()  # nobody may be waiting: marked retrieved
+            else:
+                done.cancel()
+            raise
         for fd in fds:  # the unit (or the process) holds its own copies now
             os.close(fd)
         fds.clear()
-        await loop.sock_sendall(conn, _line({"started": req.jobid}))
         timer = None
         if req.time_limit:
             timer = loop.call_later(req.time_limit, handle.cancel, "timeout")
         listener = asyncio.ensure_future(self._listen(conn, handle, rest))
         try:
+            await _send_quietly(conn, {"started": req.jobid})
             rc = await handle.wait()
+            done.set_result((handle, rc))
         except asyncio.CancelledError:
+            done.cancel()
             await handle.close(kill=False)
             raise
         finally:
+            self.running.pop(req.jobid, None)
             listener.cancel()
             if timer is not None:
                 timer.cancel()
-        code, lines = outcome(handle, rc, json_out=args.json)
+        code, lines = outcome(handle, rc, json_out=args.json is True)
         return code, lines, handle
 
     async def _listen(self, conn: socket.socket, handle: Handle, pending: bytes) -> None:
@@ -281,19 +395,43 @@ class Server:
         while True:
             while b"\n" in buf:
                 line, _, buf = buf.partition(b"\n")
-                if json.loads(line).get("op") == "cancel":
+                if _is_cancel(line):
                     log.info("job %s: cancelled by the client", handle.jobid)
                     handle.cancel("cancel")
-            more = await loop.sock_recv(conn, 4096)
+            if len(buf) > 4096:
+                buf = b""  # a client sends only cancels: anything else is dropped, bounded
+            try:
+                more = await loop.sock_recv(conn, 4096)
+            except OSError:
+                more = b""
             if not more:
+                # Nobody will read the status when the job ends: keep it for 'sdexec attach'
+                # (M2: the README's recovery after the client was killed).
+                log.info("job %s: its client went away; the job goes on", handle.jobid)
+                handle.keep_records = True
                 return
             buf += more
 
 
-def _job_of(key: str) -> str:
-    """The job id of a record key (``JOBID`` or, for a job of several shells, ``JOBID.RANK``)."""
-    job, dot, rank = key.rpartition(".")
-    return job if dot and rank.isdigit() else key
+def _is_cancel(line: bytes) -> bool:
+    try:
+        msg = json.loads(line)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(msg, dict) and msg.get("op") == "cancel"
+
+
+def decode_request(line: bytes) -> dict[str, Any]:
+    """One request line as a JSON object of known shape, else a UsageError (a reply, exit 2)."""
+    try:
+        request = json.loads(line)
+    except (ValueError, RecursionError) as e:
+        raise UsageError(f"bad request: not JSON ({e})") from None
+    if not isinstance(request, dict):
+        raise UsageError("bad request: not a JSON object")
+    if request.get("op") not in ("run", "attach"):
+        raise UsageError(f"unknown request {str(request.get('op'))[:40]!r}")
+    return request
 
 
 def _line(msg: dict[str, Any]) -> bytes:

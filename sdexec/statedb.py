@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import socket
 import sqlite3
 import stat
@@ -23,21 +24,22 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import LaunchError, RefusedError
+from .errors import LaunchError, RefusedError, SdexecError
 
 log = logging.getLogger(__name__)
 
 DB_NAME = "state.sqlite3"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_SEC = 10.0
 FINAL_STATES = frozenset({"finished", "abandoned"})
 JOB_STATES = frozenset({"starting", "running", "terminating", *FINAL_STATES})
 # A launcher that started this long after its record's launcher_since is a recycled pid.
 _PID_REUSE_SLACK_SEC = 2.0
 
-_SCHEMA = """
+_JOBS_TABLE = """
 CREATE TABLE IF NOT EXISTS jobs (
-    jobid TEXT PRIMARY KEY,
+    jobid TEXT NOT NULL,
+    rank INTEGER NOT NULL,
     unit TEXT NOT NULL,
     service TEXT NOT NULL,
     owner_uid INTEGER NOT NULL,
@@ -50,8 +52,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     exit_status INTEGER,
     error TEXT,
     updated_at REAL NOT NULL,
-    launcher_since REAL NOT NULL
-);
+    launcher_since REAL NOT NULL,
+    PRIMARY KEY (jobid, rank)
+)"""
+_SCHEMA = (
+    _JOBS_TABLE
+    + """;
 CREATE TABLE IF NOT EXISTS drains (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     reason TEXT NOT NULL,
@@ -61,6 +67,7 @@ CREATE TABLE IF NOT EXISTS drains (
     hostname TEXT NOT NULL
 );
 """
+)
 
 
 def short_hostname() -> str:
@@ -119,6 +126,7 @@ class JobRecord:
     updated_at: float = 0.0
     # wall time launcher_pid was recorded: tells a live launcher from a recycled pid
     launcher_since: float = 0.0
+    rank: int = 0  # the shell's rank: a record is one shell, keyed (jobid, rank)
 
     @property
     def live(self) -> bool:
@@ -146,7 +154,7 @@ class DrainRecord:
 
 
 _JOB_COLUMNS = [f.name for f in dataclasses.fields(JobRecord)]
-_UPDATABLE = frozenset(_JOB_COLUMNS) - {"jobid"}
+_UPDATABLE = frozenset(_JOB_COLUMNS) - {"jobid", "rank"}
 
 
 def format_time(t: float) -> str:
@@ -179,6 +187,42 @@ def _check_private(path: str, what: str, *, is_dir: bool) -> None:
         )
 
 
+def _migrate_v1(c: sqlite3.Connection) -> None:
+    """Version 1 keyed a record by one string, ``JOBID`` or ``JOBID.RANK`` for a job of several
+    shells, which job ``8.1`` could not be told from (job 8, rank 1). The rank is in the unit
+    name (``shell-RANK-...``): the old key is split only where the unit name confirms it."""
+    from .unitname import unit_name
+
+    c.execute("ALTER TABLE jobs RENAME TO jobs_v1")
+    c.execute(_JOBS_TABLE)
+    old_columns = [n for n in _JOB_COLUMNS if n != "rank"]
+    rows = c.execute(f"SELECT {', '.join(old_columns)} FROM jobs_v1").fetchall()
+    for row in rows:
+        values = dict(zip(old_columns, row, strict=True))
+        key, unit = str(values["jobid"]), str(values["unit"])
+        m = re.match(r"(?:imp-shell|shell|rexec|testexec)-(\d+)-", unit)
+        rank = int(m.group(1)) if m else 0
+        job, dot, suffix = key.rpartition(".")
+        if dot and suffix == str(rank) and job:
+            try:
+                if unit.endswith(".service"):
+                    named = unit_name(job, rank, guest=unit.startswith("imp-shell-")) == unit
+                else:  # rexec-RANK-JOBID, testexec-RANK-JOBID
+                    named = unit.endswith(f"-{rank}-{job}")
+            except SdexecError:
+                named = False
+            if named:
+                key = job
+        values.update(jobid=key, rank=rank)
+        names = ", ".join(values)
+        marks = ", ".join("?" * len(values))
+        c.execute(f"INSERT OR REPLACE INTO jobs ({names}) VALUES ({marks})", list(values.values()))
+    c.execute("DROP TABLE jobs_v1")
+
+
+Key = tuple[str, int]
+
+
 class StateDB:
     """Handle on the node's state file; one per process, safe to share between threads."""
 
@@ -186,6 +230,11 @@ class StateDB:
         self._conn = conn
         self.path = path
         self._lock = threading.RLock()
+        # Records this process wrote and still runs: a record naming this process but not
+        # in here is stale (a removal that failed, e.g. on a full disk) and may be replaced.
+        self._mine: set[Key] = set()
+        # Removals that failed (full disk, I/O error): done on the next write that succeeds.
+        self._pending_removals: set[Key] = set()
 
     @classmethod
     def open(cls, state_dir: str) -> StateDB:
@@ -246,6 +295,8 @@ class StateDB:
                     f"this sdexec understands ({SCHEMA_VERSION}); use a newer sdexec or "
                     "another [sdexec] state-dir"
                 )
+            if version == 1:
+                _migrate_v1(c)
             if version < SCHEMA_VERSION:
                 # one statement at a time: executescript() would COMMIT our transaction
                 for statement in _SCHEMA.split(";"):
@@ -299,30 +350,55 @@ class StateDB:
             raise ValueError(f"invalid job state {value!r}")
         return value
 
-    def _select_job(self, c: sqlite3.Connection, jobid: str) -> JobRecord | None:
+    def _select_job(self, c: sqlite3.Connection, jobid: str, rank: int) -> JobRecord | None:
         row = c.execute(
-            f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE jobid = ?", (jobid,)
+            f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE jobid = ? AND rank = ?",
+            (jobid, rank),
         ).fetchone()
         return None if row is None else self._row_to_job(row)
 
+    def _flush_removals(self, c: sqlite3.Connection) -> set[Key]:
+        """Do the pending removals in this transaction; the caller forgets them (``done``)
+        only once it committed: a failed commit must not lose them."""
+        flushed = set(self._pending_removals)
+        for jobid, rank in flushed:
+            c.execute("DELETE FROM jobs WHERE jobid = ? AND rank = ?", (jobid, rank))
+        return flushed
+
     def add_job(self, rec: JobRecord) -> None:
-        """Record a job; refuse if the same job id is already running here."""
+        """Record a shell; refuse if it is already running here, or if the job id is another
+        user's: a record is someone's job until it is gone, and taking it over would make that
+        job unrecoverable (and let a user learn or disturb another's)."""
         now = time.time()
         if not rec.updated_at:
             rec.updated_at = now
         if not rec.launcher_since:
             rec.launcher_since = now
         values = [self._encode(name, getattr(rec, name)) for name in _JOB_COLUMNS]
+        key = (rec.jobid, rec.rank)
         with self._write() as c:
-            old = self._select_job(c, rec.jobid)
+            flushed = self._flush_removals(c)
+            others = c.execute(
+                "SELECT DISTINCT owner_uid FROM jobs WHERE jobid = ? AND owner_uid != ?",
+                (rec.jobid, rec.owner_uid),
+            ).fetchall()
+            if others:
+                raise RefusedError(
+                    f"job {rec.jobid}: this job id is in use on this node by another user "
+                    "(choose another --job)"
+                )
+            old = self._select_job(c, rec.jobid, rec.rank)
             if old is not None and old.live:
-                if old.launcher_alive():
+                ours_stale = old.launcher_pid == os.getpid() and key not in self._mine
+                if old.launcher_alive() and not ours_stale:
                     raise RefusedError(
                         f"job {rec.jobid} is already running on this node (unit {old.unit})"
                     )
                 log.warning(
-                    "replacing stale record of job %s (unit %s): its launcher (pid %d) is gone",
+                    "replacing stale record of job %s rank %d (unit %s): its launcher "
+                    "(pid %d) is gone",
                     old.jobid,
+                    old.rank,
                     old.unit,
                     old.launcher_pid,
                 )
@@ -331,8 +407,10 @@ class StateDB:
                 f"VALUES ({', '.join('?' * len(_JOB_COLUMNS))})",
                 values,
             )
+        self._pending_removals -= flushed
+        self._mine.add(key)
 
-    def update_job(self, jobid: str, **fields: object) -> None:
+    def update_job(self, jobid: str, rank: int, **fields: object) -> None:
         """Change some fields of a record; ``updated_at`` follows unless given.
 
         A missing record is logged, not raised: losing the record must not kill a running job.
@@ -344,33 +422,51 @@ class StateDB:
         fields.setdefault("updated_at", now)
         if "launcher_pid" in fields:
             fields.setdefault("launcher_since", now)
+            if fields["launcher_pid"] == os.getpid():
+                self._mine.add((jobid, rank))
         names = sorted(fields)
         values = [self._encode(n, fields[n]) for n in names]
         with self._write() as c:
             cur = c.execute(
-                f"UPDATE jobs SET {', '.join(f'{n} = ?' for n in names)} WHERE jobid = ?",
-                [*values, jobid],
+                f"UPDATE jobs SET {', '.join(f'{n} = ?' for n in names)} "
+                "WHERE jobid = ? AND rank = ?",
+                [*values, jobid, rank],
             )
             if cur.rowcount == 0:
-                log.warning("state database: no record of job %s to update", jobid)
+                log.warning("state database: no record of job %s rank %d to update", jobid, rank)
 
-    def get_job(self, jobid: str) -> JobRecord | None:
+    def get_job(self, jobid: str, rank: int = 0) -> JobRecord | None:
         with self._read() as c:
-            return self._select_job(c, jobid)
+            return self._select_job(c, jobid, rank)
 
-    def list_jobs(self, *, live_only: bool = False) -> list[JobRecord]:
+    def list_jobs(self, *, live_only: bool = False, jobid: str | None = None) -> list[JobRecord]:
         query = f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs"
+        where: list[str] = []
         args: list[object] = []
         if live_only:
-            query += f" WHERE state NOT IN ({', '.join('?' * len(FINAL_STATES))})"
+            where.append(f"state NOT IN ({', '.join('?' * len(FINAL_STATES))})")
             args.extend(sorted(FINAL_STATES))
-        query += " ORDER BY created_at, jobid"
+        if jobid is not None:
+            where.append("jobid = ?")
+            args.append(jobid)
+        if where:
+            query += " WHERE " + " AND ".join(where)
+        query += " ORDER BY created_at, jobid, rank"
         with self._read() as c:
             return [self._row_to_job(row) for row in c.execute(query, args).fetchall()]
 
-    def remove_job(self, jobid: str) -> None:
-        with self._write() as c:
-            c.execute("DELETE FROM jobs WHERE jobid = ?", (jobid,))
+    def remove_job(self, jobid: str, rank: int = 0) -> None:
+        """Forget a record; if the database cannot be written now (a full disk), the record
+        is marked stale for this process and removed by the next write that succeeds."""
+        self._mine.discard((jobid, rank))
+        try:
+            with self._write() as c:
+                flushed = self._flush_removals(c)
+                c.execute("DELETE FROM jobs WHERE jobid = ? AND rank = ?", (jobid, rank))
+        except LaunchError:
+            self._pending_removals.add((jobid, rank))
+            raise
+        self._pending_removals -= flushed | {(jobid, rank)}
 
     # --- drain ----------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from .conftest import SDEXEC, run_sdexec, start_until_ready
 
 Config = Callable[..., str]
 VENV_BIN = Path(os.environ.get("VIRTUAL_ENV", "/opt/sdexec")) / "bin"
-IMP = str(VENV_BIN / "sdexec-test-imp")
+IMP = "/usr/local/libexec/sdexec-test-imp"  # installed by containers/node from tests/imp
 SHELL = str(VENV_BIN / "sdexec-shell")
 AS_GUEST = ("--owner", "guest", "--cwd", "/tmp")  # the node's test user, somewhere it may be
 

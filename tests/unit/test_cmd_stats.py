@@ -60,8 +60,8 @@ TERM = {
 def _populate(tmp_path: Path) -> None:
     with StateDB.open(str(tmp_path / "state")) as db:
         db.add_job(_job("f1", pid=4242))
-        db.update_job("f1", state="terminating", termination=TERM)
-        db.update_job("f1", updated_at=time.time() - 4)  # snapshot taken 4 s ago
+        db.update_job("f1", 0, state="terminating", termination=TERM)
+        db.update_job("f1", 0, updated_at=time.time() - 4)  # snapshot taken 4 s ago
         db.add_job(_job("f2", owner_uid=os.getuid() + 1, service="rexec", state="starting"))
         db.add_job(_job("f3", state="finished", exit_status=2 << 8, error="boom"))
         db.drain("unkillable user processes for job f0", jobid="f0")

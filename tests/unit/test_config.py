@@ -340,7 +340,11 @@ def test_to_dict_defaults() -> None:
             "barrier-timeout": "30m",
             "testexec": {"allow-guests": False},
         },
-        "sdexec": {"stdio-eof-timeout": "10s", "start-timeout": "30s"},
+        "sdexec": {
+            "stdio-eof-timeout": "10s",
+            "start-timeout": "30s",
+            "guest-credentials": "imp",
+        },
     }
 
 
@@ -504,3 +508,41 @@ def test_default_locations(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     monkeypatch.setenv("SDEXEC_CONFIG", str(tmp_path / "missing.toml"))
     with pytest.raises(ConfigError, match=r"missing\.toml: no such file"):
         load_config()
+
+
+# --- hostile config paths (issue 9, low): bounded reads, nothing skipped silently ----------
+
+
+def test_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> None:
+    fifo = tmp_path / "exec.toml"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_config(fifo)
+
+
+def test_dev_zero_and_huge_files_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_config("/dev/zero")
+    big = tmp_path / "big.toml"
+    with open(big, "wb") as f:
+        f.truncate(1 << 30)  # sparse: 1 GiB that would have been read whole
+    with pytest.raises(ConfigError, match="at most 1 MiB"):
+        load_config(big)
+
+
+def test_dangling_link_in_conf_d_is_an_error(tmp_path: Path) -> None:
+    d = tmp_path / "conf.d"
+    d.mkdir()
+    (d / "10-ok.toml").write_text('[exec]\nservice = "sdexec"\n')
+    (d / "20-gone.toml").symlink_to(tmp_path / "nowhere.toml")
+    with pytest.raises(ConfigError, match="dangling symbolic link") as e:
+        load_config(d)
+    assert "20-gone.toml" in str(e.value)
+
+
+def test_guest_credentials_key() -> None:
+    assert parse_config({}).sdexec.guest_credentials == "imp"
+    cfg = parse_config({"sdexec": {"guest-credentials": "systemd"}})
+    assert cfg.sdexec.guest_credentials == "systemd"
+    with pytest.raises(ConfigError, match=r'sdexec.guest-credentials: .*"imp".*"systemd"'):
+        parse_config({"sdexec": {"guest-credentials": "root"}})

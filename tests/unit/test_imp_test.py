@@ -15,11 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from sdexec.imp_test import (
+from sdexec.start import encode_environment
+from tests.imp.sdexec_test_imp import (
     ImpError,
     cgroup_dir,
     cgroup_path,
     cgroup_pids,
+    guest_cwd,
     guest_env,
     is_unified,
     kill_cgroup,
@@ -184,25 +186,35 @@ def test_user_by_name_or_uid() -> None:
     assert resolve_user(str(pw.pw_uid)).pw_name == pw.pw_name
 
 
-def test_guest_env_strips_the_imp_knobs() -> None:
+def test_guest_env_is_the_handed_over_one_never_the_imps() -> None:
+    """The IMP runs as root with sdexec's fixed environment; the shell gets the guest's."""
     pw = a_guest()
+    handed = {"PATH": "/guest/bin", "SDEXEC_RANK": "1", "HOME": "/root", "LD_PRELOAD": "x.so"}
     env = guest_env(
         {
             "PATH": "/bin",
             "SDEXEC_IMP_USER": "x",
+            "SDEXEC_IMP_ENV": encode_environment(handed),
             "NOTIFY_SOCKET": "@n",
-            "SDEXEC_RANK": "1",
-            "HOME": "/root",
+            "ROOT_SECRET": "s",
         },
         pw,
     )
     assert env == {
-        "PATH": "/bin",
+        "PATH": "/guest/bin",
         "SDEXEC_RANK": "1",
+        "LD_PRELOAD": "x.so",  # the guest's own, applied only once the IMP is the guest
         "HOME": pw.pw_dir,
         "USER": pw.pw_name,
         "LOGNAME": pw.pw_name,
     }
+    with pytest.raises(ImpError, match="SDEXEC_IMP_ENV is not set"):
+        guest_env({"PATH": "/bin"}, pw)
+    with pytest.raises(ImpError, match="SDEXEC_IMP_ENV"):
+        guest_env({"SDEXEC_IMP_ENV": "not base64!"}, pw)
+    assert guest_cwd({"SDEXEC_IMP_CWD": "/tmp"}) == "/tmp"
+    with pytest.raises(ImpError, match="not an absolute path"):
+        guest_cwd({"SDEXEC_IMP_CWD": "tmp"})
 
 
 def test_main_usage_and_refusals(
@@ -232,14 +244,16 @@ def _imp(short_dir: str, *cmd: str) -> tuple[subprocess.Popen[str], socket.socke
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(f"{short_dir}/notify")
     notify.settimeout(20)
-    env = dict(os.environ)
-    env.update(
-        PYTHONPATH=str(ROOT),
-        SDEXEC_IMP_USER="nobody",
-        NOTIFY_SOCKET=f"{short_dir}/notify",
-    )
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "PYTHONPATH": str(ROOT),
+        "SDEXEC_IMP_USER": "nobody",
+        "SDEXEC_IMP_ENV": encode_environment({"PATH": "/usr/bin:/bin"}),
+        "SDEXEC_IMP_CWD": "/",
+        "NOTIFY_SOCKET": f"{short_dir}/notify",
+    }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sdexec.imp_test", "exec", *cmd],
+        [sys.executable, str(ROOT / "tests" / "imp" / "sdexec_test_imp.py"), "exec", *cmd],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -8,7 +8,7 @@ import pytest
 
 from sdexec.config import parse_config
 from sdexec.errors import RefusedError, UsageError
-from sdexec.jobexec import Handle, JobRequest, record_key, select_service
+from sdexec.jobexec import Handle, JobRequest, select_service
 
 
 def req(**kw: object) -> JobRequest:
@@ -66,12 +66,6 @@ def test_only_root_may_name_another_owner(monkeypatch: pytest.MonkeyPatch) -> No
 def test_unknown_owner_is_a_usage_error() -> None:
     with pytest.raises(UsageError, match="no such user"):
         select_service(parse_config({}), req(owner="no-such-user-here"))
-
-
-def test_record_keys_are_per_shell() -> None:
-    assert record_key("j", 0, 1) == "j"
-    assert record_key("j", 3, 1) == "j"
-    assert {record_key("j", r, 3) for r in range(3)} == {"j.0", "j.1", "j.2"}
 
 
 def test_exit_code_of_a_job_is_the_highest_of_its_shells() -> None:

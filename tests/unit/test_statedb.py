@@ -136,7 +136,7 @@ def test_open_refuses_newer_schema(tmp_path: Path) -> None:
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     conn.commit()
     conn.close()
-    with pytest.raises(RefusedError, match="schema version 2, newer"):
+    with pytest.raises(RefusedError, match=f"schema version {SCHEMA_VERSION + 1}, newer"):
         StateDB.open(str(tmp_path / "s"))
 
 
@@ -158,11 +158,11 @@ def test_job_roundtrip_and_update(db: StateDB) -> None:
     assert rec.service == "rexec" and rec.state == "starting" and rec.pid is None
     assert rec.updated_at > 0 and rec.launcher_since > 0
     term = {"kill_count": 2, "exception_in_progress": True, "kill_timeout": 5.0}
-    db.update_job("f1", state="terminating", pid=1234, termination=term)
+    db.update_job("f1", 0, state="terminating", pid=1234, termination=term)
     rec = db.get_job("f1")
     assert rec is not None
     assert (rec.state, rec.pid, rec.termination) == ("terminating", 1234, term)
-    db.update_job("f1", state="finished", exit_status=9, error="killed")
+    db.update_job("f1", 0, state="finished", exit_status=9, error="killed")
     rec = db.get_job("f1")
     assert rec is not None and (rec.exit_status, rec.error, rec.live) == (9, "killed", False)
     assert db.get_job("nope") is None
@@ -171,15 +171,15 @@ def test_job_roundtrip_and_update(db: StateDB) -> None:
 def test_update_rejects_unknown_field_and_state(db: StateDB) -> None:
     db.add_job(_job("f1"))
     with pytest.raises(TypeError, match="bogus"):
-        db.update_job("f1", bogus=1)
+        db.update_job("f1", 0, bogus=1)
     with pytest.raises(ValueError, match="invalid job state"):
-        db.update_job("f1", state="sleeping")
+        db.update_job("f1", 0, state="sleeping")
 
 
 def test_update_missing_job_is_logged_not_raised(
     db: StateDB, caplog: pytest.LogCaptureFixture
 ) -> None:
-    db.update_job("ghost", state="running")
+    db.update_job("ghost", 0, state="running")
     assert "no record of job ghost" in caplog.text
     assert db.get_job("ghost") is None
 
@@ -235,7 +235,7 @@ def test_recycled_launcher_pid_is_stale(db: StateDB) -> None:
 
 def test_update_of_launcher_pid_restamps_launcher_since(db: StateDB) -> None:
     db.add_job(_job("f1", launcher_pid=_dead_pid(), launcher_since=5.0))
-    db.update_job("f1", launcher_pid=os.getpid())  # re-attach
+    db.update_job("f1", 0, launcher_pid=os.getpid())  # re-attach
     rec = db.get_job("f1")
     assert rec is not None and rec.launcher_since > 5.0 and rec.launcher_alive()
 
@@ -332,7 +332,7 @@ try:
     for i in range(ops):
         jobid = f"w{n}-{i}"
         db.add_job(job(jobid))
-        db.update_job(jobid, state="running", pid=1000 + i, termination={"i": i})
+        db.update_job(jobid, 0, state="running", pid=1000 + i, termination={"i": i})
         if i % 2:
             db.remove_job(jobid)
 except Exception as e:
@@ -403,3 +403,95 @@ def test_concurrent_writers(tmp_path: Path) -> None:
         if jobid != "shared":
             i = int(jobid.split("-")[1])
             assert (j.state, j.pid, j.termination) == ("running", 1000 + i, {"i": i})
+
+
+# --- records are (job id, rank), and a job id belongs to one user (issue 9, M3/M4/M8) -----
+
+
+def test_job_and_rank_are_separate_keys(db: StateDB) -> None:
+    """Job 7 with two shells and job 7.1 coexist (a "7.1" key used to mean both)."""
+    db.add_job(_job("7", unit="shell-0-7.service"))
+    db.add_job(_job("7", rank=1, unit="shell-1-7.service"))
+    db.add_job(_job("7.1", unit="shell-0-7.1.service"))
+    assert sorted((r.jobid, r.rank) for r in db.list_jobs()) == [("7", 0), ("7", 1), ("7.1", 0)]
+    assert [r.rank for r in db.list_jobs(jobid="7")] == [0, 1]
+    db.update_job("7", 1, state="running")
+    assert db.get_job("7", 1).state == "running"  # type: ignore[union-attr]
+    assert db.get_job("7").state == "starting"  # type: ignore[union-attr]
+    db.remove_job("7", 1)
+    assert db.get_job("7", 1) is None and db.get_job("7.1") is not None
+
+
+def test_another_users_job_id_is_refused_even_when_stale(db: StateDB) -> None:
+    db.add_job(_job("rootD", owner_uid=0, launcher_pid=_dead_pid()))
+    with pytest.raises(RefusedError, match="in use on this node by another user"):
+        db.add_job(_job("rootD", owner_uid=1500))
+    db.update_job("rootD", 0, state="finished")  # a kept status is still someone's
+    with pytest.raises(RefusedError, match="another user"):
+        db.add_job(_job("rootD", owner_uid=1500, rank=1))
+    assert db.get_job("rootD").owner_uid == 0  # type: ignore[union-attr]
+
+
+def test_a_record_whose_removal_failed_is_stale_for_its_own_launcher(
+    db: StateDB, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk: the removal fails, the record says "running" under our own (live) pid;
+    the same job id must run again, and the removal is done once writing works again."""
+    db.add_job(_job("full1"))
+    real = db._write
+
+    def full() -> Any:
+        raise LaunchError("state database x: database or disk is full")
+
+    monkeypatch.setattr(db, "_write", full)
+    with pytest.raises(LaunchError):
+        db.remove_job("full1")
+    monkeypatch.setattr(db, "_write", real)
+    assert db.get_job("full1") is not None
+    db.add_job(_job("other"))  # the next write flushes the pending removal...
+    assert db.get_job("full1") is None
+    db.add_job(_job("full1"))  # ...and the id runs again
+    with pytest.raises(RefusedError, match="already running"):
+        db.add_job(_job("full1"))  # while it is ours and live, it is refused
+
+
+def test_v1_database_is_migrated_with_ranks_from_unit_names(tmp_path: Path) -> None:
+    state = tmp_path / "s"
+    state.mkdir(mode=0o700)
+    conn = sqlite3.connect(state / DB_NAME)
+    conn.execute(
+        "CREATE TABLE jobs (jobid TEXT PRIMARY KEY, unit TEXT NOT NULL, service TEXT NOT NULL,"
+        " owner_uid INTEGER NOT NULL, manager TEXT NOT NULL, launcher_pid INTEGER NOT NULL,"
+        " state TEXT NOT NULL, created_at REAL NOT NULL, pid INTEGER, termination TEXT,"
+        " exit_status INTEGER, error TEXT, updated_at REAL NOT NULL,"
+        " launcher_since REAL NOT NULL)"
+    )
+    conn.execute(
+        "CREATE TABLE drains (id INTEGER PRIMARY KEY AUTOINCREMENT, reason TEXT NOT NULL,"
+        " jobid TEXT, unit TEXT, created_at REAL NOT NULL, hostname TEXT NOT NULL)"
+    )
+    rows = [
+        ("8.1", "shell-0-8.1.service"),  # job "8.1", one shell: NOT job 8 rank 1
+        ("7.0", "shell-0-7.service"),  # job 7, shells 0 and 1
+        ("7.1", "shell-1-7.service"),
+        ("9", "imp-shell-0-9.service"),
+        ("t.2", "rexec-2-t"),
+    ]
+    for key, unit in rows:
+        conn.execute(
+            "INSERT INTO jobs VALUES (?, ?, 'sdexec', 0, 'system', 1, 'running', 1.0,"
+            " NULL, NULL, NULL, NULL, 1.0, 1.0)",
+            (key, unit),
+        )
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    with StateDB.open(str(state)) as db:
+        got = sorted((r.jobid, r.rank, r.unit) for r in db.list_jobs())
+    assert got == [
+        ("7", 0, "shell-0-7.service"),
+        ("7", 1, "shell-1-7.service"),
+        ("8.1", 0, "shell-0-8.1.service"),
+        ("9", 0, "imp-shell-0-9.service"),
+        ("t", 2, "rexec-2-t"),
+    ]

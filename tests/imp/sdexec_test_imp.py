@@ -1,12 +1,18 @@
-"""A stand-in for flux-imp in systemd mode, for tests and the container node. NOT for production.
+"""A stand-in for flux-imp in systemd mode, for the tests and the test node. NOT for production.
 
-``python -m sdexec.imp_test exec SHELL [ARG...]`` runs as root as the main process of a guest
-job's unit (Type=notify, KillMode=process). It starts SHELL as the guest named by
-``SDEXEC_IMP_USER``, reports READY=1, proxies signals to the shell, turns SIGUSR1 into SIGKILL
-for everything else in the unit's cgroup, and after the shell exits reports STOPPING=1 and
-lingers while processes remain, so systemd keeps the unit "deactivating" and the launcher's stop
-timer can act. Unlike the real IMP it checks no signature: anyone able to start it as root in a
-unit could run anything as anyone but root.
+It ships with the tests only (``containers/node`` installs it in the node as
+``/usr/local/libexec/sdexec-test-imp``), never with the package: unlike the real IMP it checks
+no signature, so anyone able to start it as root in a unit could run anything as anyone but root.
+
+``sdexec-test-imp exec SHELL [ARG...]`` runs as root as the main process of a guest job's unit
+(Type=notify, KillMode=process) with a fixed environment that sdexec gives it: nothing in it
+comes from the guest except three opaque values, the guest (``SDEXEC_IMP_USER``), the guest's
+environment (``SDEXEC_IMP_ENV``, encoded) and working directory (``SDEXEC_IMP_CWD``). It forks,
+becomes the guest, and only then enters the directory and execs SHELL with that environment:
+a guest's LD_PRELOAD or PYTHONPATH, or a directory only root may enter, never act as root. It
+reports READY=1, proxies signals to the shell, turns SIGUSR1 into SIGKILL for everything else
+in the unit's cgroup, and after the shell exits reports STOPPING=1 and lingers while processes
+remain, so systemd keeps the unit "deactivating" and the launcher's stop timer can act.
 """
 
 from __future__ import annotations
@@ -22,9 +28,10 @@ import time
 from collections.abc import Sequence
 from types import FrameType
 
-from .cgroup import CGROUP_ROOT, cgroup_pids, is_unified, kill_cgroup
-from .errors import SdexecError
-from .shell import exit_like
+from sdexec.cgroup import CGROUP_ROOT, cgroup_pids, is_unified, kill_cgroup
+from sdexec.errors import SdexecError
+from sdexec.shell import exit_like
+from sdexec.start import IMP_CWD_VAR, IMP_ENV_VAR, IMP_USER_VAR, decode_environment
 
 __all__ = [
     "ImpError",
@@ -54,8 +61,6 @@ PROXIED = (
 _HANDLED = (*PROXIED, signal.SIGUSR1)
 # ignored by the Python runtime; an ignored disposition would survive exec
 _RESET_IN_CHILD = (*_HANDLED, signal.SIGPIPE, signal.SIGXFSZ)
-# the IMP's own knobs: not the job's business
-_STRIP_ENV = ("SDEXEC_IMP_USER", "NOTIFY_SOCKET")
 
 
 class ImpError(SdexecError):
@@ -144,14 +149,31 @@ def _notify(state: str) -> None:
 
 
 def guest_env(environ: dict[str, str], pw: pwd.struct_passwd) -> dict[str, str]:
-    """The shell's environment: the unit's, minus the IMP's knobs, plus the guest's identity."""
-    env = {k: v for k, v in environ.items() if k not in _STRIP_ENV}
+    """The shell's environment: the guest's own (handed over encoded), with the guest's
+    identity; nothing of the IMP's own environment (root's) goes along."""
+    encoded = environ.get(IMP_ENV_VAR)
+    if encoded is None:
+        raise ImpError(f"{IMP_ENV_VAR} is not set: the job's environment was not handed over")
+    try:
+        env = decode_environment(encoded)
+    except ValueError as e:
+        raise ImpError(f"{IMP_ENV_VAR}: {e}") from None
     env.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name)
     return env
 
 
-def _child(shell: str, argv: Sequence[str], pw: pwd.struct_passwd, env: dict[str, str]) -> None:
-    """In the forked child: become the guest and exec the shell. Never returns."""
+def guest_cwd(environ: dict[str, str]) -> str:
+    cwd = environ.get(IMP_CWD_VAR, "")
+    if not os.path.isabs(cwd):
+        raise ImpError(f"{IMP_CWD_VAR}: {cwd!r} is not an absolute path")
+    return cwd
+
+
+def _child(
+    shell: str, argv: Sequence[str], pw: pwd.struct_passwd, env: dict[str, str], cwd: str
+) -> None:
+    """In the forked child: become the guest, then enter the directory and exec the shell
+    (in that order: as root, a directory only root may enter would open). Never returns."""
     try:
         os.setpgid(0, 0)
         for sig in _RESET_IN_CHILD:
@@ -161,6 +183,13 @@ def _child(shell: str, argv: Sequence[str], pw: pwd.struct_passwd, env: dict[str
             os.initgroups(pw.pw_name, pw.pw_gid)
             os.setgid(pw.pw_gid)
             os.setuid(pw.pw_uid)
+        if os.getuid() == 0 and pw.pw_uid != 0:
+            raise ImpError("could not drop root privileges")
+        try:
+            os.chdir(cwd)
+        except OSError as e:
+            os.write(2, f"{PROG}: cannot enter {cwd}: {e.strerror or e}\n".encode())
+            os._exit(126)
         os.execvpe(shell, [shell, *argv], env)
     except OSError as e:
         code = 127 if e.errno == errno.ENOENT else 126
@@ -219,11 +248,12 @@ def run(shell: str, argv: Sequence[str], pw: pwd.struct_passwd) -> int:
     """Run the shell as the guest; return its raw wait status once the cgroup is empty."""
     cgroup = _find_cgroup()
     env = guest_env(dict(os.environ), pw)
+    cwd = guest_cwd(dict(os.environ))
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(_HANDLED))
     try:
         pid = os.fork()
         if pid == 0:
-            _child(shell, argv, pw, env)
+            _child(shell, argv, pw, env, cwd)
         try:
             os.setpgid(pid, 0)  # also in the parent, so the group exists before any forward
         except OSError:
@@ -247,14 +277,18 @@ def run(shell: str, argv: Sequence[str], pw: pwd.struct_passwd) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) < 2 or args[0] != "exec":
-        sys.stderr.write(f"{PROG}: usage: python -m sdexec.imp_test exec SHELL [ARG...]\n")
+        sys.stderr.write(f"{PROG}: usage: sdexec-test-imp exec SHELL [ARG...]\n")
         return 2
     try:
-        pw = resolve_user(os.environ.get("SDEXEC_IMP_USER"))
+        pw = resolve_user(os.environ.get(IMP_USER_VAR))
     except ImpError as e:
         sys.stderr.write(f"{PROG}: {e}\n")
         return 1
-    status = run(args[1], args[2:], pw)
+    try:
+        status = run(args[1], args[2:], pw)
+    except ImpError as e:
+        sys.stderr.write(f"{PROG}: {e}\n")
+        return 1
     exit_like(status)
 
 
