@@ -1,7 +1,95 @@
 """sdexec: run HPC jobs as transient systemd units.
 
-Kept import-light on purpose: ``sdexec run`` pays for every import on its start-up path, so
-the heavy modules (dbus-fast, psutil, sqlite3) are only imported where they are used.
+The library's public surface is what ``from sdexec import ...`` gives (``__all__``); see the
+README's "The library" and ``docs/library.md``. Names are re-exported lazily: ``sdexec run``
+pays for every import on its start-up path, so the heavy modules (dbus-fast, sqlite3) are only
+imported when a name that needs them is first used.
 """
 
+from __future__ import annotations
+
+TYPE_CHECKING = False  # the typing module would cost every `sdexec run` its import
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    # configuration
+    "ExecConfig": "sdexec.config",
+    "load_config": "sdexec.config",
+    "parse_config": "sdexec.config",
+    # one job as one unit: asyncio's Process, for systemd
+    "Launcher": "sdexec.launcher",
+    "Job": "sdexec.launcher",
+    "JobSpec": "sdexec.launcher",
+    "PIPE": "sdexec.channel",
+    "DEVNULL": "sdexec.channel",
+    # the job-exec service: policy, services, records, barrier, drain
+    "JobRequest": "sdexec.jobexec",
+    "Handle": "sdexec.jobexec",
+    "select_service": "sdexec.jobexec",
+    "start_job": "sdexec.jobexec",
+    "attach_job": "sdexec.jobexec",
+    # errors: each carries the exit code the CLI uses
+    "SdexecError": "sdexec.errors",
+    "UsageError": "sdexec.errors",
+    "ConfigError": "sdexec.errors",
+    "LaunchError": "sdexec.errors",
+    "RefusedError": "sdexec.errors",
+    "CommandNotFound": "sdexec.errors",
+    "CommandNotExecutable": "sdexec.errors",
+}
+
+__all__ = [
+    "DEVNULL",
+    "PIPE",
+    "CommandNotExecutable",
+    "CommandNotFound",
+    "ConfigError",
+    "ExecConfig",
+    "Handle",
+    "Job",
+    "JobRequest",
+    "JobSpec",
+    "LaunchError",
+    "Launcher",
+    "RefusedError",
+    "SdexecError",
+    "UsageError",
+    "__version__",
+    "attach_job",
+    "load_config",
+    "parse_config",
+    "select_service",
+    "start_job",
+]
+
+if TYPE_CHECKING:
+    from typing import Any
+
+    from .channel import DEVNULL, PIPE
+    from .config import ExecConfig, load_config, parse_config
+    from .errors import (
+        CommandNotExecutable,
+        CommandNotFound,
+        ConfigError,
+        LaunchError,
+        RefusedError,
+        SdexecError,
+        UsageError,
+    )
+    from .jobexec import Handle, JobRequest, attach_job, select_service, start_job
+    from .launcher import Job, JobSpec, Launcher
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sdexec' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # once: later lookups do not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .binding import Binding
 from .channel import DEVNULL, PIPE
-from .config import ExecConfig
+from .config import SERVICES, ExecConfig
 from .errors import LaunchError, RefusedError, SdexecError, UsageError
 from .job import BaseJob, Who
 from .show import show_value
+from .testexec import PREFIX as TEST_PREFIX
 
 if TYPE_CHECKING:
     from .job import UpdateHook
@@ -35,9 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SERVICES = ("sdexec", "rexec")
 SERVICE_ATTR = "system.exec.bulkexec.service"
-TEST_PREFIX = "system.exec.test"
 
 
 @dataclass
@@ -272,16 +271,20 @@ def _publisher(db: StateDB, jobid: str, rank: int) -> UpdateHook:
 async def start_job(
     cfg: ExecConfig,
     req: JobRequest,
-    service: str,
+    service: str | None = None,
     *,
-    stdin: int,
+    stdin: int = DEVNULL,
     stdout: int = PIPE,
     stderr: int = PIPE,
     launcher: Launcher | None = None,
     db: StateDB | None = None,
     on_accepted: Callable[[], Awaitable[None]] | None = None,
 ) -> Handle:
-    """Start ``req``'s shells with ``service``; ``close()`` on the handle undoes everything.
+    """Start ``req``'s shells under the job-exec policy; ``close()`` on the handle undoes
+    everything.
+
+    The policy is applied here, whatever the caller did: ``service``, if given (what the
+    caller got from :func:`select_service`, e.g. to log it), must be what the policy chooses.
 
     ``on_accepted`` is awaited once the job is recorded, before any unit or process starts;
     if it raises (the client went away), nothing starts.
@@ -289,9 +292,15 @@ async def start_job(
     Nothing is started for a refused job; a job whose second shell fails to start has its
     first one killed; a record stays only for an abandoned shell (for post-mortem).
     """
+    chosen = select_service(cfg, req)
+    if service is not None and service != chosen:
+        raise RefusedError(
+            f"job {req.jobid}: service {show_value(service)} refused: the policy chooses "
+            f"{chosen!r} for this job"
+        )
     handle = Handle(
         jobid=req.jobid,
-        service=service,
+        service=chosen,
         db=db,
         owner_uids={req.owner_uid()},
         on_accepted=on_accepted,
@@ -301,9 +310,9 @@ async def start_job(
         handle.cleanup.append(db.close)
     try:
         db.check_not_drained()
-        if service == "sdexec":
+        if chosen == "sdexec":
             await sweep_abandoned(cfg, db, user_manager=req.user_manager)
-        if service == "testexec":
+        if chosen == "testexec":
             await _start_testexec(cfg, req, handle)
         else:
             await _start_shells(cfg, req, handle, (stdin, stdout, stderr), launcher)
@@ -500,7 +509,7 @@ def _finish_record(handle: Handle, db: StateDB, job: BaseJob, jobid: str, rank: 
 
     The job itself says which, not the record: a record whose last update failed (a full
     disk) must not outlive a job that ended."""
-    if job.running or job.result == "abandoned":
+    if job.running or job.result in ("abandoned", "detached"):
         return
     if handle.keep_records:
         job.publish()  # once more, in case the last update did not get through

@@ -309,6 +309,21 @@ class Launcher:
         self.manager.on_reconnect(self.resync)
 
     async def close(self) -> None:
+        """Disconnect from systemd. Jobs still running go on in their units (another
+        launcher's :meth:`adopt` takes them over, their records say where); their Job objects
+        end here, so nothing waits forever: ``wait()`` returns None, ``result`` is
+        "detached" and ``error`` says why. Their records are left as they are."""
+        for job in list(self.jobs.values()):
+            if job.running:
+                job.error = job.error or (
+                    "the launcher was closed while the job ran: its unit goes on "
+                    "(Launcher.adopt re-attaches)"
+                )
+                job.result = "detached"
+                job.on_update = None  # the record must keep saying "running"
+                job.close_stdio()
+                job.finish_gone()
+        self.jobs.clear()
         await self.manager.close()
 
     # --- starting ---------------------------------------------------------------------------

@@ -90,21 +90,35 @@ def launcher_alive(pid: int, since: float | None = None) -> bool:
         return False
     except PermissionError:
         pass  # exists, owned by someone else
-    try:
-        import psutil
-    except ImportError:  # pragma: no cover - psutil is a dependency
-        return True
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        if since is not None and proc.create_time() > since + _PID_REUSE_SLACK_SEC:
-            return False
-    except psutil.NoSuchProcess:
+    stat = _proc_stat(pid)
+    if stat is None:
         return False
-    except psutil.Error:
-        return True
-    return True
+    state, started = stat
+    if state in ("Z", "X"):
+        return False
+    return not (since is not None and started > since + _PID_REUSE_SLACK_SEC)
+
+
+def _boot_time() -> float:
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("btime "):
+                return float(line.split()[1])
+    return 0.0
+
+
+def _proc_stat(pid: int) -> tuple[str, float] | None:
+    """A process's state letter and start (wall clock) from /proc: all the launcher check
+    needs, without a compiled dependency for it."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return None
+    # the command name (field 2) is in parentheses and may itself hold spaces or ")"
+    fields = text[text.rindex(")") + 2 :].split()
+    start_ticks = int(fields[19])  # field 22 of stat(5), counted from the state (field 3)
+    return fields[0], _boot_time() + start_ticks / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -285,7 +299,8 @@ class StateDB:
             mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 log.warning("state database %s: journal mode is %s, not wal", self.path, mode)
-            # WAL + NORMAL survives a crashed process; the state dir is usually tmpfs anyway
+            # WAL + NORMAL survives a crashed process (not a power loss: the last few
+            # transactions may go, which re-adopting the units makes up for)
             self._conn.execute("PRAGMA synchronous = NORMAL")
         with self._write() as c:
             version = int(c.execute("PRAGMA user_version").fetchone()[0])
