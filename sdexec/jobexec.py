@@ -115,7 +115,7 @@ def guest_policy(cfg: ExecConfig, req: JobRequest) -> str:
     if mode == "systemd":
         if os.geteuid() != 0 or req.user_manager:
             raise RefusedError(
-                f"job {req.jobid}: [sdexec] guest-credentials = \"systemd\" runs guests with "
+                f'job {req.jobid}: [sdexec] guest-credentials = "systemd" runs guests with '
                 "the unit's User=, which needs a root launcher on the system manager"
             )
         return mode
@@ -469,8 +469,9 @@ async def _start_barrier(cfg: ExecConfig, req: JobRequest, handle: Handle) -> st
                 # A guest's shells run as the guest, who can stop them (SIGSTOP, ptrace)
                 # before they arrive: draining would let any user take the node out of
                 # service. Only the instance owner's shells are trusted to say "node fault".
-                log.warning("job %s: guest job's barrier failed: job failed, node not drained",
-                            req.jobid)
+                log.warning(
+                    "job %s: guest job's barrier failed: job failed, node not drained", req.jobid
+                )
                 return
             await _drain(
                 cfg,

@@ -277,6 +277,8 @@ def verify_applied(wanted: Sequence[tuple[str, str, Any]], actual: Mapping[str, 
             want = list(value.rstrip(b"\0"))
             if isinstance(got, bytes | bytearray | list):
                 got = list(bytes(got).rstrip(b"\0"))
+        elif isinstance(value, tuple | list):  # DeviceAllow a(ss): tuples here, lists on D-Bus
+            want, got = _dbus_value(value), _dbus_value(got)
         if got != want:
             problems.append(f"{name}={want!r} was not applied (systemd reports {got!r})")
     return problems
