@@ -132,6 +132,7 @@ class Manager:
         self.generation = 0
         """Bumped, as soon as it is known, whenever signals may have been lost: the bus
         dropped, or systemd re-registered on it (re-exec). A start compares it."""
+        self.connect_retries = 0  # transient errors retried in the connect sequence (tests)
         self._bg: set[asyncio.Task[None]] = set()
 
     # --- connection -------------------------------------------------------------------------
@@ -172,6 +173,10 @@ class Manager:
             # The calls are independent: sent together, they cost one round trip, not three.
             self._matched.clear()  # a new connection has none of the old rules
             self._namespace_match = False
+            # Each is idempotent and retried while systemd is away: a daemon-reexec during this
+            # sequence answers Subscribe with NoReply, then ServiceUnknown until systemd is
+            # back. (If the old systemd answered and then re-executed, NameOwnerChanged,
+            # matched first on the same connection, re-subscribes.)
             await asyncio.gather(
                 self._add_match(
                     f"type='signal',sender='{SYSTEMD}',path='{MANAGER_PATH}',"
@@ -181,7 +186,7 @@ class Manager:
                     f"type='signal',sender='{DBUS}',interface='{DBUS}',member='NameOwnerChanged',"
                     f"arg0='{SYSTEMD}'"
                 ),
-                self._call_on(bus, "Subscribe", "", ()),
+                self._retrying(bus, "Subscribe"),
             )
             for path in list(self._props_handlers):
                 await self._match_unit(path)
@@ -375,9 +380,41 @@ class Manager:
     async def _add_match(self, rule: str) -> None:
         if self._bus is None:
             raise LaunchError("not connected to systemd")
-        await self._call_on(
-            self._bus, "AddMatch", "s", [rule], (), "/org/freedesktop/DBus", DBUS, DBUS
+        await self._retrying(
+            self._bus, "AddMatch", "s", [rule], "/org/freedesktop/DBus", DBUS, DBUS
         )
+
+    async def _retrying(
+        self,
+        bus: MessageBus,
+        member: str,
+        signature: str = "",
+        body: Sequence[Any] = (),
+        path: str = MANAGER_PATH,
+        interface: str = MANAGER_IFACE,
+        destination: str = SYSTEMD,
+    ) -> list[Any]:
+        """An idempotent call of the connect sequence, sent again after a transient error.
+
+        Unlike :meth:`call` it does not wait for ``_connected`` (it is part of getting there)
+        and gives up at once if the connection itself fails (the reconnect loop handles that).
+        """
+        deadline = asyncio.get_running_loop().time() + RETRY_FOR
+        delay = 0.02
+        while True:
+            try:
+                return await self._call_on(
+                    bus, member, signature, body, (), path, interface, destination
+                )
+            except BusCallError as e:
+                if e.name not in TRANSIENT_ERRORS or not bus.connected:
+                    raise
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                self.connect_retries += 1
+                log.info("%s during connect: %s; retrying", member, e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
 
     # --- signals ----------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ stdlib-only, since the IMP starts for every guest job.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 from collections.abc import Iterable
@@ -52,6 +53,10 @@ def cgroup_pids(directory: str) -> set[int]:
                 pids.update(int(line) for line in f if line.strip())
         except (FileNotFoundError, ProcessLookupError):
             continue  # a sub-cgroup removed while we walked
+        except OSError as e:
+            if e.errno != errno.ENODEV:  # ENODEV: the cgroup was being removed as we read it
+                raise
+            continue
     return pids
 
 

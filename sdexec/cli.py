@@ -126,6 +126,19 @@ def _first_command(argv: Sequence[str]) -> str | None:
     return None
 
 
+def _add_binding(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cores", metavar="LIST", help='bind to these cores of the node (e.g. "0-3"; + siblings)'
+    )
+    p.add_argument("--gpus", metavar="LIST", help='bind to these GPUs of the node (e.g. "0,1")')
+    p.add_argument(
+        "--bind-from",
+        metavar="RM",
+        choices=["slurm"],
+        help="take cores/GPUs from the resource manager's environment (slurm)",
+    )
+
+
 def _build_run(sub: Any) -> None:
     run = sub.add_parser("run", help="run one job and relay its stdio and exit status")
     _add_config(run)
@@ -168,6 +181,12 @@ def _build_run(sub: Any) -> None:
         help="set an environment variable for the job (repeatable)",
     )
     run.add_argument("--keep-unit", action="store_true", help="keep a failed unit for post-mortem")
+    _add_binding(run)
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the unit properties the job would get (bound, scaled) and start nothing",
+    )
     _add_json(run)
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
 
@@ -188,6 +207,7 @@ def _build_config(sub: Any) -> None:
     csub.required = True
     check = csub.add_parser("check", help="validate a config and print the effective [exec] table")
     check.add_argument("path", nargs="?", metavar="PATH", help="TOML file or conf.d directory")
+    _add_binding(check)
     _add_json(check)
 
 

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 SYSTEM_SOCKET = "/run/sdexec/sdexec.sock"
-_IN_PROCESS = frozenset({"-c", "--config", "-h", "--help"})
+_IN_PROCESS = frozenset({"-c", "--config", "-h", "--help", "--dry-run"})
 
 
 def socket_path(user: bool) -> str:

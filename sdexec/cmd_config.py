@@ -14,7 +14,8 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from .config import load_config
+from .config import ExecConfig, load_config
+from .enforce import unenforceable
 from .show import toml_string
 
 __all__ = ["check", "dump_toml"]
@@ -73,9 +74,38 @@ def check(args: argparse.Namespace) -> int:
     """Print the effective config; errors propagate as ConfigError (exit 2 from the CLI)."""
     config = load_config(args.path)
     data = config.to_dict()
+    names = [p.name for p in config.unit_properties]
+    if args.cores is not None or args.gpus is not None or args.bind_from is not None:
+        import os
+
+        from .binding import resolve
+        from .launcher import bound_unit_properties, job_properties
+
+        binding = resolve(args.cores, args.gpus, args.bind_from, os.environ)
+        names = [p.name for p in bound_unit_properties(config, binding)]
+        data["exec"]["sdexec-properties"] = job_properties(config, binding)
+    host = host_enforcement(config, names)
     if args.json:
-        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        sys.stdout.write(json.dumps({**data, "host": host}, indent=2) + "\n")
         return 0
     sources = ", ".join(config.sources) if config.sources else "built-in defaults"
-    sys.stdout.write(dump_toml(data, header=f"effective sdexec configuration, from: {sources}"))
+    header = f"effective sdexec configuration, from: {sources}"
+    if "binding" in locals():
+        header += "\nsdexec-properties as bound to this job's cores/GPUs"
+    sys.stdout.write(dump_toml(data, header=header))
+    for name, entry in host["unenforced"].items():
+        verdict = (
+            "accepted unenforced ([sdexec] allow-unenforced: a downgrade)"
+            if entry["allowed"]
+            else "jobs are refused"
+        )
+        sys.stdout.write(f"# {name} is not enforced on this host ({entry['why']}): {verdict}\n")
     return 0
+
+
+def host_enforcement(config: ExecConfig, names: list[str]) -> dict[str, Any]:
+    """What this host's cgroups cannot enforce of the configured limits (checked here, where
+    the config is used: the same file is fine on a pure cgroup-v2 node)."""
+    allowed = set(config.sdexec.allow_unenforced)
+    bad = unenforceable(names)
+    return {"unenforced": {k: {"why": v, "allowed": k in allowed} for k, v in bad.items()}}

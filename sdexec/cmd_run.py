@@ -23,6 +23,8 @@ from .config import load_config
 from .errors import LaunchError, RefusedError, UsageError
 
 if TYPE_CHECKING:
+    from .binding import Binding
+    from .config import ExecConfig
     from .jobexec import Handle, JobRequest
 
 log = logging.getLogger(__name__)
@@ -134,12 +136,34 @@ def build_request(
         keep_failed_unit=args.keep_unit,
         time_limit=time_limit,
         shells=args.shells,
+        binding=resolve_binding(args, environ),
     )
+
+
+def resolve_binding(args: argparse.Namespace, environ: Mapping[str, str]) -> Binding:
+    from .binding import resolve
+
+    return resolve(args.cores, args.gpus, args.bind_from, environ)
+
+
+def dry_run(cfg: ExecConfig, req: JobRequest, *, json_out: bool) -> int:
+    """What the job's unit would get from the config and its binding; nothing starts."""
+    from .launcher import job_properties
+
+    props = job_properties(cfg, req.binding)
+    if json_out:
+        sys.stdout.write(json.dumps(props) + "\n")
+    else:
+        for name, value in props.items():
+            sys.stdout.write(f"{name}={value}\n")
+    return 0
 
 
 def main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     req = build_request(args, os.environ, os.getcwd(), args.owner)
+    if args.dry_run:
+        return dry_run(cfg, req, json_out=args.json)
     if req.pmi is not None:
         from dataclasses import replace
 

@@ -15,12 +15,14 @@ import re
 import stat
 import string
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from .binding import NEVER_SCALED, SCALABLE
 from .duration import DurationError, format_fsd, parse_fsd
+from .enforce import ENFORCED
 from .errors import ConfigError
 from .properties import (
     UnitProperty,
@@ -74,6 +76,8 @@ SDEXEC_KEYS = (
     "drain-command",
     "slice",
     "allow-properties",
+    "allow-unenforced",
+    "bind-scale-memory",
     "stdio-eof-timeout",
     "start-timeout",
     "max-connections",
@@ -128,6 +132,8 @@ class SiteConfig:
     drain_command: tuple[str, ...] = ()
     slice: str | None = None
     allow_properties: tuple[str, ...] = ()
+    allow_unenforced: tuple[str, ...] = ()  # limits this host may accept but not enforce
+    bind_scale_memory: tuple[str, ...] = SCALABLE  # scaled by a bound job's share of CPUs
     stdio_eof_timeout: float = 10.0
     start_timeout: float = 30.0
     max_connections: int = 4096
@@ -221,6 +227,10 @@ class ExecConfig:
             sd["slice"] = site.slice
         if site.allow_properties:
             sd["allow-properties"] = list(site.allow_properties)
+        if site.allow_unenforced:
+            sd["allow-unenforced"] = list(site.allow_unenforced)
+        if site.bind_scale_memory != SCALABLE:
+            sd["bind-scale-memory"] = list(site.bind_scale_memory)
         sd["stdio-eof-timeout"] = format_fsd(site.stdio_eof_timeout)
         sd["start-timeout"] = format_fsd(site.start_timeout)
         sd["max-connections"] = site.max_connections
@@ -342,8 +352,10 @@ class _Checker:
             self.error(path, str(e))
             return default
 
-    def strings(self, table: Mapping[str, Any], path: Path, example: str) -> tuple[str, ...]:
-        value = table.get(path[-1], [])
+    def strings(
+        self, table: Mapping[str, Any], path: Path, example: str, default: Sequence[str] = ()
+    ) -> tuple[str, ...]:
+        value = table.get(path[-1], list(default))
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             self.error(path, f"{show_value(value)} is not an array of strings (e.g. {example})")
             return ()
@@ -419,6 +431,25 @@ def _parse_site(data: Mapping[str, Any], c: _Checker) -> SiteConfig:
             )
         else:
             allow.append(name)
+    unenforced: list[str] = []
+    for name in c.strings(sd, (*P, "allow-unenforced"), '["MemoryHigh", "MemoryLow"]'):
+        if name in ENFORCED:
+            unenforced.append(name)
+        else:
+            known = ", ".join(sorted(ENFORCED))
+            c.error(
+                (*P, "allow-unenforced"),
+                f"{show_value(name)} is not a limit the kernel enforces (one of {known})",
+            )
+    scale: list[str] = []
+    key = (*P, "bind-scale-memory")
+    for name in c.strings(sd, key, '["MemoryMax", "MemoryHigh"]', default=SCALABLE):
+        if name in NEVER_SCALED:
+            c.error(key, f"{show_value(name)} is a guarantee and is never scaled")
+        elif name in SCALABLE:
+            scale.append(name)
+        else:
+            c.error(key, f"{show_value(name)} is not scalable (one of {', '.join(SCALABLE)})")
     defaults = SiteConfig()
     stdio = c.duration(
         sd, (*P, "stdio-eof-timeout"), defaults.stdio_eof_timeout, positive=True, finite=True,
@@ -462,6 +493,8 @@ def _parse_site(data: Mapping[str, Any], c: _Checker) -> SiteConfig:
         drain_command=drain,
         slice=slice_,
         allow_properties=tuple(allow),
+        allow_unenforced=tuple(unenforced),
+        bind_scale_memory=tuple(scale),
         stdio_eof_timeout=stdio,
         start_timeout=start,
         max_connections=total,

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from .binding import Binding
 from .channel import DEVNULL, PIPE
 from .config import SERVICES, ExecConfig
 from .errors import LaunchError, RefusedError, SdexecError, UsageError
@@ -68,6 +69,7 @@ class JobRequest:
     def cross_node(self) -> bool:
         """Whether the start barrier spans nodes (through PMI): a job of more than one task."""
         return self.pmi is not None and self.pmi.size > 1 and self.pmi.fd is not None
+    binding: Binding = field(default_factory=Binding)  # its cores/GPUs on this node
 
     def owner_uid(self) -> int:
         return os.getuid() if self.owner is None else owner_uid(self.owner)
@@ -129,7 +131,7 @@ def guest_policy(cfg: ExecConfig, req: JobRequest) -> str:
     if mode == "systemd":
         if os.geteuid() != 0 or req.user_manager:
             raise RefusedError(
-                f"job {req.jobid}: [sdexec] guest-credentials = \"systemd\" runs guests with "
+                f'job {req.jobid}: [sdexec] guest-credentials = "systemd" runs guests with '
                 "the unit's User=, which needs a root launcher on the system manager"
             )
         return mode
@@ -416,6 +418,7 @@ async def _start_shells(
                 shell=shell,
                 keep_failed_unit=req.keep_failed_unit,
                 memory_max=req.allocation_memory if cfg.sdexec.allocation_memory else None,
+                binding=req.binding,
             )
             try:
                 job: BaseJob = await launcher.start(spec, on_drain=on_drain, on_update=on_update)
@@ -496,8 +499,9 @@ async def _start_barrier(cfg: ExecConfig, req: JobRequest, handle: Handle) -> st
                 # A guest's shells run as the guest, who can stop them (SIGSTOP, ptrace)
                 # before they arrive: draining would let any user take the node out of
                 # service. Only the instance owner's shells are trusted to say "node fault".
-                log.warning("job %s: guest job's barrier failed: job failed, node not drained",
-                            req.jobid)
+                log.warning(
+                    "job %s: guest job's barrier failed: job failed, node not drained", req.jobid
+                )
                 return
             missing = f"shell ranks {waiting}" if waiting else "the other nodes"
             await _drain(

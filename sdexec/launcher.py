@@ -19,19 +19,23 @@ import logging
 import os
 import signal as _signal
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from dbus_fast import Variant
 
 from . import unitstate as us
+from .binding import Binding, Topology, bound_properties
 from .bus import RETRY_FOR, TRANSIENT_ERRORS, BusCallError, Manager
 from .cgroup import cgroup_pids, kill_cgroup, unit_cgroup_dir
 from .channel import DEVNULL, PIPE, Channels
 from .clock import Clock, MonotonicClock
 from .config import ExecConfig
+from .enforce import CHECKS, base_name, check_cgroup, unenforceable
 from .errors import CommandNotExecutable, LaunchError, RefusedError, SdexecError, UsageError
+from .gate import Gate
 from .job import BaseJob, DrainHook, UpdateHook, Who
+from .properties import UnitProperty, collect_properties, combine_errors
 from .start import (
     DEFAULT_PATH,
     IMP_CWD_VAR,
@@ -81,6 +85,7 @@ class JobSpec:
     shell: Sequence[str] = ()  # job-shell argv prefix, e.g. ("/usr/libexec/flux/flux-shell",)
     keep_failed_unit: bool = False
     description: str | None = None
+    binding: Binding = field(default_factory=Binding)  # cores/GPUs: bound limits (binding.py)
     memory_max: int | None = None  # bytes (a resource manager's allocation), capped by the site's
 
 
@@ -96,6 +101,24 @@ def _never_ran(props: Mapping[str, Any]) -> bool:
         and not int(props.get("ExecMainPID", 0) or 0)
         and not int(props.get("ExecMainCode", 0) or 0)
     )
+
+
+def job_properties(cfg: ExecConfig, binding: Binding) -> dict[str, str]:
+    """A job's ``sdexec-properties`` (strings): the site's, bound to its cores/GPUs."""
+    if not binding:
+        return dict(cfg.sdexec_properties)
+    return bound_properties(
+        binding, cfg.sdexec_properties, Topology.read(), scale=cfg.sdexec.bind_scale_memory
+    )
+
+
+def bound_unit_properties(cfg: ExecConfig, binding: Binding) -> list[UnitProperty]:
+    """The typed properties of a bound job; DevicePolicy is ours to set here."""
+    table = job_properties(cfg, binding)
+    props, errors = collect_properties(table, (*cfg.sdexec.allow_properties, "DevicePolicy"))
+    if errors:
+        raise combine_errors(errors)
+    return props
 
 
 class Job(BaseJob):
@@ -129,6 +152,7 @@ class Job(BaseJob):
         self.path = object_path(unit)
         self._stop_requested = False
         self._channels: Channels | None = None
+        self._gate: Gate | None = None
         self.cgroup: str | None = None
 
     @property
@@ -387,12 +411,14 @@ class Launcher:
         else:
             argv = [*spec.shell, *spec.argv]
             argv[0] = resolve_program(argv[0], env, cwd)
-        extra = tuple((p.name, p.signature, p.value) for p in cfg.unit_properties)
+        props = bound_unit_properties(cfg, spec.binding) if spec.binding else cfg.unit_properties
+        extra = tuple((p.name, p.signature, p.value) for p in props)
         if spec.memory_max is not None:
             from .memory import cap_memory_max
 
             physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
             extra = cap_memory_max(extra, spec.memory_max, physical)
+        self.refuse_unenforceable(spec.jobid, [name for name, _s, _v in extra])
         return UnitPlan(
             name=unit_name(spec.jobid, spec.rank, guest=via_imp),
             argv=tuple(argv),
@@ -409,6 +435,19 @@ class Launcher:
             user=user,
         )
 
+    def refuse_unenforceable(self, jobid: str, names: Sequence[str]) -> None:
+        """A limit this host's cgroups cannot enforce is refused before anything exists,
+        unless the site accepts the downgrade (``[sdexec] allow-unenforced``)."""
+        allowed = set(self.config.sdexec.allow_unenforced)
+        bad = {k: v for k, v in unenforceable(names).items() if k not in allowed}
+        if bad:
+            name, why = next(iter(bad.items()))
+            more = f" (and {', '.join(list(bad)[1:])})" if len(bad) > 1 else ""
+            raise RefusedError(
+                f"job {jobid}: {name}{more} cannot be enforced on this host: {why}; refused "
+                f'before anything started ([sdexec] allow-unenforced = ["{name}"] accepts it)'
+            )
+
     async def start(
         self,
         spec: JobSpec,
@@ -419,6 +458,7 @@ class Launcher:
         """Start one shell's unit; the hooks override the launcher's for this job."""
         plan = self.plan(spec, (0, 1, 2))  # validates before any fd or unit exists
         via_imp = spec.guest_user is not None
+        checked = sorted({base_name(n) for n, _s, _v in plan.extra} & set(CHECKS))
         job = self._new_job(
             spec.jobid, plan.name, via_imp, spec.keep_failed_unit, on_drain, on_update
         )
@@ -427,6 +467,11 @@ class Launcher:
             raise RefusedError(f"job {spec.jobid}: unit {plan.name} is already running here")
         channels = Channels.create(spec.stdin, spec.stdout, spec.stderr)
         job._channels = channels
+        if checked and not via_imp and plan.user is None:
+            # the program waits at the gate until its cgroup was read back (sdexec/gate.py);
+            # a guest's unit (IMP, or User=) is checked once started: the gate is ours only
+            job._gate = Gate()
+            plan = replace(plan, argv=job._gate.wrap(plan.argv))
         loop = asyncio.get_running_loop()
         removed: asyncio.Future[str] = loop.create_future()
         self._job_waiters[plan.name] = removed
@@ -495,14 +540,16 @@ class Launcher:
                 self._check_start_failure(job, result, job.state.props)
             # The cgroup (to check it is empty once the unit is inactive: not in the signals)
             # and the configured properties (to refuse a limit systemd did not apply).
-            applied = await self.manager.get_some(
-                path, ["ControlGroup", *(name for name, _s, _v in plan.extra)]
-            )
+            names = {"ControlGroup", *(name for name, _s, _v in plan.extra), *checked}
+            applied = await self.manager.get_some(path, sorted(names))
             if applied.get("ControlGroup"):
                 job.cgroup = str(applied["ControlGroup"])
             problems = verify_applied(plan.extra, applied)
             if problems:
                 raise LaunchError(f"job {spec.jobid}: {'; '.join(problems)}")
+            await self._check_kernel(job, {n: applied[n] for n in checked if n in applied})
+            if job._gate is not None:
+                job._gate.open()
         except BaseException:
             self._job_waiters.pop(plan.name, None)
             self._created.discard(plan.name)
@@ -519,6 +566,27 @@ class Launcher:
         self._start_jobs.pop(plan.name, None)
         job.publish()
         return job
+
+    async def _check_kernel(self, job: Job, applied: Mapping[str, Any]) -> None:
+        """What the kernel shows in the unit's cgroup, before the program runs: a mismatch
+        drains the node (the node cannot run jobs as configured) and fails the job; the
+        caller's cleanup stops and resets the unit."""
+        if not applied:
+            return
+        if not job.cgroup:
+            problems = [f"{', '.join(applied)} not verifiable: systemd gave no ControlGroup"]
+        else:
+            problems = check_cgroup(applied, job.cgroup)
+        if not problems:
+            return
+        reason = "; ".join(problems)
+        log.info("%s: %s", job.unit, reason)
+        if job.on_drain is not None:
+            try:
+                await job.on_drain(job, f"{reason} (job {job.jobid}, unit {job.unit})")
+            except Exception:
+                log.exception("%s: draining the node failed", job.unit)
+        raise LaunchError(f"job {job.jobid}: {reason}; the job did not run, node drained")
 
     def _new_job(
         self,
@@ -750,6 +818,8 @@ class Launcher:
             await self.manager.unwatch_unit(job.path)
         if job._channels is not None:
             job._channels.close_remote()
+        if job._gate is not None:
+            job._gate.close()
 
     async def resync(self) -> None:
         """Re-read every tracked unit: signals were lost while the bus or systemd was away."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import memory
+from .duration import DurationError, parse_fsd
 from .errors import ConfigError
 from .show import dotted, show_value
 
@@ -40,6 +41,7 @@ SUPPORTED_PROPERTIES = frozenset(
     MEMORY_PROPERTIES
     | CPUSET_PROPERTIES
     | {"SendSIGKILL", "TimeoutStopUSec", "OOMScoreAdjust", "DeviceAllow", "TasksMax"}
+    | {"RuntimeMaxSec"}
 )
 # Set by sdexec for every unit: letting the config replace them would break supervision or
 # change the job's identity, so they are refused even when a site allows raw properties.
@@ -150,6 +152,21 @@ def _tasks_max(value: str) -> int:
     )
 
 
+def _runtime_usec(value: str) -> int:
+    v = value.strip()
+    if v == "infinity":
+        return UINT64_MAX
+    try:
+        seconds = parse_fsd(v, "RuntimeMaxSec")
+    except DurationError:
+        seconds = -1.0
+    if not 0 < seconds < UINT64_MAX / 1e6:
+        raise ValueError(
+            f'{show_value(value)} is not a run time (an FSD > 0, e.g. "120", "2m", or "infinity")'
+        )
+    return int(seconds * 1_000_000)
+
+
 def _oom_score(value: str) -> int:
     v = value.strip()
     if re.fullmatch(r"[+-]?[0-9]{1,5}", v) and -1000 <= int(v) <= 1000:
@@ -216,6 +233,8 @@ def convert_one(name: str, value: str) -> UnitProperty:
         return UnitProperty(name, "t", _tasks_max(value))
     if name == "DeviceAllow":
         return UnitProperty(name, "a(ss)", _device_allow(value))
+    if name == "RuntimeMaxSec":  # systemd's own bound on a unit's run time (D-Bus: in usec)
+        return UnitProperty("RuntimeMaxUSec", "t", _runtime_usec(value))
     raise ValueError(f"{name} is not a supported property")
 
 

@@ -245,8 +245,15 @@ def properties(plan: UnitPlan) -> list[tuple[str, tuple[str, Any]]]:
             ("StandardOutputFileDescriptor", ("h", stdout)),
             ("StandardErrorFileDescriptor", ("h", stderr)),
         ]
-    props += [(name, (sig, value)) for name, sig, value in plan.extra]
+    props += [(name, (sig, _dbus_value(value))) for name, sig, value in plan.extra]
     return props
+
+
+def _dbus_value(value: Any) -> Any:
+    """dbus-fast wants lists for arrays and structs: config values are tuples (immutable)."""
+    if isinstance(value, tuple | list):
+        return [_dbus_value(v) for v in value]
+    return value
 
 
 def stop_timeout_usec(stop_timer_sec: float, *, via_imp: bool) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -110,3 +111,46 @@ def start_until_ready(*args: str, env: dict[str, str] | None = None) -> subproce
         proc.kill()
         raise AssertionError(f"the job did not start: {line!r} {proc.communicate()}")
     return proc
+
+
+REFERENCE_RUN = 0.12
+"""Seconds of the quickest ``sdexec run -- true`` (in-process: Python start, bus, one unit)
+on the podman node of this project's machines. A node where it takes longer (qemu TCG:
+~15x) gets its elapsed-time bounds' overheads scaled by the ratio; never below 1."""
+
+
+@pytest.fixture(scope="session")
+def slow(tmp_path_factory: pytest.TempPathFactory) -> float:
+    """The node's measured slowness factor (best of 3, so a moment of load does not count).
+
+    Bounds keep their meaning: ``elapsed < 4 + 2 * slow`` is "the 4 s the test is about, plus
+    the 2 s of overhead a fast node needs, as slow as this node is".
+    """
+    d = tmp_path_factory.mktemp("slowness")
+    cfg = d / "exec.toml"
+    cfg.write_text(f'[exec]\nservice = "sdexec"\n[sdexec]\nstate-dir = "{d / "state"}"\n')
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.monotonic()
+        p = run_sdexec("run", "--config", str(cfg), "--", "true", timeout=300)
+        best = min(best, time.monotonic() - t0)
+        assert p.returncode == 0, p.stderr
+    factor = max(1.0, best / REFERENCE_RUN)
+    print(f"\nnode slowness: sdexec run -- true in {best:.2f}s, factor {factor:.1f}")
+    return factor
+
+
+def wait_unit(unit: str, states: tuple[str, ...], timeout: float = 120) -> str:
+    """Wait until ``unit``'s ActiveState/SubState is one of ``states`` (an event, not a delay)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out = subprocess.run(
+            ["systemctl", "show", unit, "--property=ActiveState", "--property=SubState"],
+            capture_output=True, text=True, check=False,
+        ).stdout  # fmt: skip
+        props = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+        for state in (props.get("SubState", ""), props.get("ActiveState", "")):
+            if state in states:
+                return state
+        assert time.monotonic() < deadline, f"{unit} is {props}, not one of {states}"
+        time.sleep(0.05)

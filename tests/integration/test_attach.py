@@ -5,45 +5,50 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import time
 from collections.abc import Callable
 
 import pytest
 
-from .conftest import SDEXEC, run_sdexec
+from .conftest import SDEXEC, run_sdexec, wait_unit
 
 Config = Callable[..., str]
 
 
-def _start_and_kill(cfg: str, jobid: str, script: str, kill_after: float) -> None:
+STARTED = ("running", "exited", "failed")
+
+
+def _start_and_kill(cfg: str, jobid: str, script: str) -> None:
+    """Kill the launcher once its unit has started (not after a delay: a start takes 0.1 s on
+    the podman node and up to 3 s under TCG)."""
     proc = subprocess.Popen(
         [*SDEXEC, "run", "--config", cfg, "--job", jobid, "--", "sh", "-c", script],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(kill_after)
+    wait_unit(f"shell-0-{jobid}.service", STARTED)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=10)
 
 
 @pytest.mark.parametrize(
-    ("jobid", "script", "attach_after", "code"),
+    ("jobid", "script", "ended", "code"),
     [
-        ("att-running", "sleep 3; exit 42", 0.0, 42),  # still running when re-attached
-        ("att-exited", "sleep 1.5; exit 0", 1.5, 0),  # exited meanwhile: active/exited
-        ("att-failed", "sleep 1.5; exit 43", 1.5, 43),  # failed meanwhile: failed unit kept
-        ("att-signal", "sleep 1.5; kill -9 $$", 1.5, 137),
+        ("att-running", "sleep 3; exit 42", False, 42),  # (likely) still running on re-attach
+        ("att-exited", "sleep 1; exit 0", True, 0),  # exited meanwhile: active/exited
+        ("att-failed", "sleep 1; exit 43", True, 43),  # failed meanwhile: failed unit kept
+        ("att-signal", "sleep 1; kill -9 $$", True, 137),
     ],
 )
 def test_attach_reports_status_after_launcher_kill(
-    config: Config, jobid: str, script: str, attach_after: float, code: int
+    config: Config, jobid: str, script: str, ended: bool, code: int
 ) -> None:
     cfg = config()
-    _start_and_kill(cfg, jobid, script, kill_after=1.0)
+    _start_and_kill(cfg, jobid, script)
     jobs = json.loads(run_sdexec("jobs", "--json", "--config", cfg).stdout)
     assert any(j["jobid"] == jobid for j in jobs), jobs
-    time.sleep(attach_after)
+    if ended:  # the job ends while no launcher watches it
+        wait_unit(f"shell-0-{jobid}.service", ("exited", "failed"))
     p = run_sdexec("attach", "--config", cfg, "--job", jobid, "--json", timeout=30)
     assert p.returncode == code, p.stderr
     report = json.loads(p.stderr.strip().splitlines()[-1])
@@ -62,7 +67,7 @@ def test_attach_refuses_unknown_and_live_jobs(config: Config) -> None:
         stderr=subprocess.DEVNULL,
     )
     try:
-        time.sleep(1.0)
+        wait_unit("shell-0-att-live.service", ("running",))
         p = run_sdexec("attach", "--config", cfg, "--job", "att-live")
         assert p.returncode == 125 and "still tracked" in p.stderr, p.stderr
     finally:

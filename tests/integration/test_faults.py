@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from sdexec.config import load_config
+from sdexec.config import ExecConfig, load_config
 from sdexec.launcher import PIPE, JobSpec, Launcher
 
 from .conftest import SDEXEC
@@ -46,6 +46,12 @@ MB = 1_000_000
 BIG = 100 * MB
 
 
+def _slow_config(config: Config, slow: float) -> ExecConfig:
+    """100 jobs starting while systemd re-executes: systemd's start jobs wait their turn, and
+    30 s (the default start-timeout) is a fast node's bound: scaled with the node's slowness."""
+    return load_config(config(sdexec=f'start-timeout = "{30 * slow:.0f}s"\n'))
+
+
 def _report(name: str, res: BatchResult, lost: list[str], faults: int) -> None:
     print(
         f"\n{name}: {N_JOBS}+{N_CLEAN} jobs, {faults} faults, lost {len(lost)}, "
@@ -66,7 +72,7 @@ def _report(name: str, res: BatchResult, lost: list[str], faults: int) -> None:
         "daemon-reload",
     ],
 )
-async def test_50_jobs_survive_systemd(config: Config, action: str) -> None:
+async def test_50_jobs_survive_systemd(config: Config, action: str, slow: float) -> None:
     """The fault is repeated back to back across the whole window in which the jobs exit."""
     prefix = f"flt-{action.removeprefix('daemon-')}"
     cases = staggered(prefix, N_JOBS, N_CLEAN)
@@ -80,7 +86,7 @@ async def test_50_jobs_survive_systemd(config: Config, action: str) -> None:
             faults += 1
             await asyncio.sleep(0.01)
 
-    res = await run_batch(load_config(config()), cases, fault, fault_after=0.2, limit=5)
+    res = await run_batch(_slow_config(config, slow), cases, fault, fault_after=0.2, limit=5 * slow)
     lost = res.lost(cases)
     _report(action, res, lost, faults)
     assert not res.start_failures, res.start_failures
@@ -94,7 +100,7 @@ async def test_50_jobs_survive_systemd(config: Config, action: str) -> None:
 
 
 @pytest.mark.slow
-async def test_jobs_survive_dbus_restart(config: Config) -> None:
+async def test_jobs_survive_dbus_restart(config: Config, slow: float) -> None:
     """``systemctl restart dbus``, three times while the jobs exit: the launcher must reconnect.
 
     systemd 252 survives this (it reconnects to the new dbus-daemon within a second, checked
@@ -116,7 +122,9 @@ async def test_jobs_survive_dbus_restart(config: Config) -> None:
             await asyncio.sleep(0.6)
 
     try:
-        res = await run_batch(load_config(config()), cases, fault, fault_after=0.3, limit=5)
+        res = await run_batch(
+            _slow_config(config, slow), cases, fault, fault_after=0.3, limit=5 * slow
+        )
     finally:  # leave the node with a bus whatever happened
         await systemctl("reset-failed", "dbus.service", "dbus.socket", check=False)
         await systemctl("start", "dbus.socket", "dbus.service")
@@ -162,20 +170,21 @@ def many_tasks() -> Iterator[None]:
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("many_tasks")
-async def test_500_leftover_processes_are_killed(config: Config) -> None:
+async def test_500_leftover_processes_are_killed(config: Config, slow: float) -> None:
     """The main process exits 3 leaving 500 children: 3 is reported and the stop kills them."""
     script = (
         f"for i in $(seq 500); do {' '.join(FORKER)} & done; "
         # count them once all have exec'd (a child still forking shows as "sh")
-        "for t in $(seq 50); do n=$(ps --ppid $$ -o comm= | grep -c '^sleep$'); "
+        f"for t in $(seq {50 * slow:.0f}); do n=$(ps --ppid $$ -o comm= | grep -c '^sleep$'); "
         '[ "$n" -ge 500 ] && break; sleep 0.1; done; echo $n; exit 3'
     )
     case = JobCase("flt-fork500", script, 3, b"500\n")
-    res = await run_batch(load_config(config()), [case], limit=20)
+    res = await run_batch(load_config(config()), [case], limit=20 * slow)
     print(f"\nfork500: done in {res.elapsed:.1f}s, fds {res.fds_before}->{res.fds_after}")
     assert res.lost([case]) == []
     assert res.hung == [] and res.units_left == []
-    assert res.elapsed < 15, "the leftovers were not killed by the unit's stop"
+    # forking 500 processes and one stop take ~5 s on the podman node; they sleep 60+
+    assert res.elapsed < 15 * slow, "the leftovers were not killed by the unit's stop"
     assert processes_matching(FORKER) == [], "leftover processes survived their unit"
     control = await asyncio.create_subprocess_exec(*FORKER)  # the check above can see one
     try:

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -35,14 +36,21 @@ def server() -> Iterator[None]:
     yield
 
 
-def test_run_goes_through_the_server() -> None:
+def test_run_goes_through_the_server(tmp_path: Path) -> None:
+    # the job runs until the test has looked (not for a delay: `sdexec jobs` alone takes
+    # seconds under TCG)
+    go = tmp_path / "go"
     proc = start_until_ready(
-        "run", "--job", "srv1", "--", "sh", "-c", "echo ready; sleep 2; exit 7"
-    )
-    jobs = json.loads(run("jobs", "--json").stdout)
-    (rec,) = [j for j in jobs if j["jobid"] == "srv1"]
-    assert rec["launcher_pid"] == _server_pid() != 0, rec
-    _out, err = proc.communicate(timeout=30)
+        "run", "--job", "srv1", "--", "sh", "-c",
+        f"echo ready; while [ ! -e {go} ]; do sleep 0.05; done; exit 7",
+    )  # fmt: skip
+    try:
+        jobs = json.loads(run("jobs", "--json").stdout)
+        (rec,) = [j for j in jobs if j["jobid"] == "srv1"]
+        assert rec["launcher_pid"] == _server_pid() != 0, rec
+    finally:
+        go.touch()
+    _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 7, err
 
 

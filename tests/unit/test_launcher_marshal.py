@@ -45,13 +45,16 @@ def _start(extra: tuple[tuple[str, str, Any], ...]) -> MarshallingManager:
 def test_marshallable_properties_are_sent() -> None:
     manager = _start((("DeviceAllow", "a(ss)", [["/dev/null", "rw"]]),))
     assert len(manager.sent) == 1 and b"DeviceAllow" in manager.sent[0]
+    # what DeviceAllow was before the fix (tuples, refused by dbus-fast): now converted
+    manager = _start((("DeviceAllow", "a(ss)", (("/dev/null", "rw"),)),))
+    assert len(manager.sent) == 1 and b"/dev/null" in manager.sent[0]
 
 
 @pytest.mark.parametrize(
     ("extra", "name"),
     [
-        # what DeviceAllow was before the fix: refused by dbus-fast's Variant
-        ((("DeviceAllow", "a(ss)", (("/dev/null", "rw"),)),), "DeviceAllow"),
+        # a struct of the wrong arity: refused by dbus-fast's Variant
+        ((("DeviceAllow", "a(ss)", [["/dev/null"]]),), "DeviceAllow"),
         ((("OOMScoreAdjust", "i", 2**40),), "OOMScoreAdjust"),
         # passes the Variant's check, refused only while the message is marshalled
         ((("MemoryMax", "t", 1), ("DevicePolicy", "s", "\udc80")), "DevicePolicy"),

@@ -185,6 +185,7 @@ MARSHAL_CASES = [
     ("MemoryMin", "0%", "MemoryMinScale", "u", 0),
     ("MemoryLow", "50%", "MemoryLowScale", "u", 2**31 - 1),  # floored, as Flux does
     ("MemorySwapMax", "25%", "MemorySwapMaxScale", "u", 2**30 - 1),
+    ("RuntimeMaxSec", "2m", "RuntimeMaxUSec", "t", 120_000_000),
 ]  # fmt: skip
 
 
