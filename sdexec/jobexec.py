@@ -543,7 +543,7 @@ def _finish_record(handle: Handle, db: StateDB, job: BaseJob, jobid: str, rank: 
     disk) must not outlive a job that ended."""
     if job.running or job.result in ("abandoned", "detached"):
         return
-    if handle.keep_records:
+    if handle.keep_records and job.result != "not-started":
         job.publish()  # once more, in case the last update did not get through
         return
     db_remove(db, jobid, rank)
@@ -791,6 +791,7 @@ async def attach_job(
                     job.error = (
                         f"job {jobid} was not started (its launcher stopped before the unit)"
                     )
+                    job.result = "not-started"  # no status to keep for anyone
                 job.on_update = publisher
                 job.publish()
             handle.jobs.append(shell)

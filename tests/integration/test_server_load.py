@@ -251,12 +251,6 @@ async def test_daemon_reexec_during_50_jobs_through_the_server(tmp_path: Path) -
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="H6 (server readopt/attach, not this test's area): in about 1 run of 5 one job that "
-    "ran and exited (the first, exit 0, ~1 s) is reported 125 'unit ... no longer exists: its "
-    "exit status is lost' to its re-attaching client; remove this mark once fixed",
-    strict=False,
-)
 async def test_server_killed_during_50_jobs(tmp_path: Path) -> None:
     """kill -9 of the server 0.2 s into 50 starts: socket activation starts a new one, which
     re-adopts every job; each client follows its job there (H6), or learns that it did not
