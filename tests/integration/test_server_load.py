@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from sdexec.cgroup import is_unified
+
 from .conftest import SDEXEC
 from .faults_helpers import JobCase, staggered, systemctl
 from .load_helpers import (
@@ -34,6 +36,13 @@ from .load_helpers import (
     server_pid,
     settled_fds,
     units_left,
+)
+
+# The server under load is a property of sdexec, not of the cgroup hierarchy: it is shown in the
+# podman node. In the pure-v2 VM (qemu TCG, 15-25x slower) thousands of clients would measure
+# qemu; the VM is there for what only cgroup v2 enforces.
+pytestmark = pytest.mark.skipif(
+    is_unified(), reason="load tests run in the podman node (the qemu VM would time TCG)"
 )
 
 Config = Callable[..., str]
