@@ -26,7 +26,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from . import memory
-from .enforce import format_cpus, parse_cpus
+from .enforce import format_cpus, parse_cpus, read_text
 from .errors import UsageError
 from .show import show_value
 
@@ -57,19 +57,12 @@ class Topology:
 
     @classmethod
     def read(cls, root: str = "/sys/devices/system") -> Topology:
-        def read(path: str) -> str | None:
-            try:
-                with open(path) as f:
-                    return f.read().strip()
-            except OSError:
-                return None
-
-        online = parse_cpus(read(f"{root}/cpu/online") or "") or frozenset(
+        online = parse_cpus(read_text(f"{root}/cpu/online") or "") or frozenset(
             range(os.cpu_count() or 1)
         )
         siblings = {}
         for cpu in online:
-            text = read(f"{root}/cpu/cpu{cpu}/topology/thread_siblings_list")
+            text = read_text(f"{root}/cpu/cpu{cpu}/topology/thread_siblings_list")
             siblings[cpu] = parse_cpus(text) if text else frozenset({cpu})
         nodes = {}
         try:
@@ -78,7 +71,7 @@ class Topology:
             entries = []
         for entry in entries:
             m = re.fullmatch(r"node([0-9]+)", entry)
-            text = read(f"{root}/node/{entry}/cpulist") if m else None
+            text = read_text(f"{root}/node/{entry}/cpulist") if m else None
             if m and text is not None:
                 nodes[int(m.group(1))] = parse_cpus(text)
         return cls(online, siblings, nodes or {0: online})

@@ -141,7 +141,8 @@ def _v1_bytes(text: str) -> str:
     return "max" if text.isdigit() and int(text) >= 2**63 - 2**20 else text
 
 
-def _read(path: str) -> str | None:
+def read_text(path: str) -> str | None:
+    """A sysfs/cgroupfs file's stripped text, or None if it cannot be read."""
     try:
         with open(path) as f:
             return f.read().strip()
@@ -181,7 +182,7 @@ def check_cgroup(
                 path = os.path.join(root, check.controller, rel, check.v1_file)
             else:
                 continue  # refused (or explicitly allowed) before the start
-        got = _read(path)
+        got = read_text(path)
         if check.kind == "cpus":
             want_set = bitmap_cpus(value) if not isinstance(value, str) else parse_cpus(value)
             if not want_set:
