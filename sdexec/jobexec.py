@@ -345,6 +345,11 @@ async def _drain(cfg: ExecConfig, db: StateDB, reason: str, jobid: str, unit: st
     await drain_node(db, cfg, reason, jobid=jobid, unit=unit)
 
 
+def _via_imp(cfg: ExecConfig, req: JobRequest) -> bool:
+    """A guest's job whose credentials come from the IMP (not from the unit's User=)."""
+    return req.guest() and cfg.sdexec.guest_credentials == "imp"
+
+
 def _shell_prefix(cfg: ExecConfig, req: JobRequest) -> tuple[str, ...]:
     """The job shell the command runs under: configured, else ours when one is needed.
 
@@ -353,8 +358,7 @@ def _shell_prefix(cfg: ExecConfig, req: JobRequest) -> tuple[str, ...]:
     """
     if cfg.job_shell:
         return (cfg.job_shell, "--")
-    via_imp = req.guest() and cfg.sdexec.guest_credentials == "imp"
-    if via_imp or req.shells > 1 or req.cross_node():
+    if _via_imp(cfg, req) or req.shells > 1 or req.cross_node():
         return (sys.executable, "-m", "sdexec.shell", "--")
     return ()
 
@@ -371,7 +375,7 @@ async def _start_shells(
     db = handle.db
     assert db is not None
     guest = req.guest()
-    via_imp = guest and cfg.sdexec.guest_credentials == "imp"
+    via_imp = _via_imp(cfg, req)
     shell = _shell_prefix(cfg, req)
     barrier_path = None
     if req.shells > 1 or req.cross_node():
@@ -709,10 +713,9 @@ def check_attach(recs: Sequence[StateRecord], jobid: str, caller_uid: int | None
 
     A caller other than root or the instance owner learns nothing of another user's job,
     not even that it exists."""
-    if caller_uid is not None and caller_uid not in (0, os.getuid()):
-        recs = [r for r in recs if r.owner_uid == caller_uid] if recs else []
-        if not recs or any(r.owner_uid != caller_uid for r in recs):
-            raise RefusedError(f"attach: no job {jobid} of yours on this node")
+    stranger = caller_uid is not None and caller_uid not in (0, os.getuid())
+    if stranger and (not recs or any(r.owner_uid != caller_uid for r in recs)):
+        raise RefusedError(f"attach: no job {jobid} of yours on this node")
     if not recs:
         raise RefusedError(f"attach: no record of job {jobid} on this node (see 'sdexec jobs')")
 
