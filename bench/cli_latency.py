@@ -1,9 +1,12 @@
 """Wall time of one ``sdexec run -- /bin/true`` vs ``systemd-run -q --pipe --wait /bin/true``.
 
-The two alternate run by run (K each) so both see the same machine. Goal: median(sdexec) <=
-3.0 x median(systemd-run). Python's own start-up and sdexec's imports are measured too, with
-the modules ``sdexec run`` imports ranked by ``-X importtime``, so the lead sees what to make
-lazy.
+Both paths of ``sdexec run`` are measured in the same run, interleaved run by run with
+systemd-run (K each) so all see the same machine: through the node's server (what a user
+types where ``sdexec.socket`` is installed) and in-process (``--config``). Goals: median
+through the server <= 2.0 x median(systemd-run) (moonshot 1.5 x), in-process <= 6.0 x. The
+server's own share comes from a raw client on its socket (no program start), so what is left
+is the ``sdexec`` program's; Python's start-up and what each path imports (``-X importtime``)
+say where that goes.
 
     python bench/cli_latency.py --k 30
 """
@@ -26,9 +29,23 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make ``bench`` and ``sdexec`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import cleanup_units, emit, host_facts, log, median, p90, rnd, run_prefix
+from bench.common import (
+    cleanup_units,
+    emit,
+    host_facts,
+    log,
+    median,
+    p90,
+    rnd,
+    run_prefix,
+    server_run_sync,
+    server_socket,
+)
 
-GOAL = 3.0
+GOAL_SERVER = 2.0
+MOONSHOT_SERVER = 1.5
+GOAL_IN_PROCESS = 6.0
+GOAL_SERVER_MS = 8.0
 CONFIG = """\
 [exec]
 service = "sdexec"
@@ -36,9 +53,6 @@ service = "sdexec"
 [sdexec]
 state-dir = "{state}"
 """
-
-
-SERVER_SOCKET = "/run/sdexec/sdexec.sock"
 
 
 def timed(argv: Sequence[str], env: dict[str, str] | None = None) -> tuple[float, int, str]:
@@ -157,16 +171,10 @@ def profile_run(py: str, cfg: str, jobid: str, tmp: str, top: int) -> dict[str, 
     event loop's ``poll``; sdexec's own functions are listed apart so the lead sees them.
     """
     out_file = os.path.join(tmp, "run.prof")
-    code = (
-        "import cProfile, sys\n"
-        "from sdexec.cli import main\n"
-        f"sys.argv = ['sdexec', 'run', '--config', {cfg!r}, '--job', {jobid!r},"
-        " '--', '/bin/true']\n"
-        f"cProfile.run('rc = main()', {out_file!r})\n"
-    )
+    argv = [py, "-m", "cProfile", "-o", out_file, "-m", "sdexec", "run", "--config", cfg]
     t0 = time.perf_counter()
     p = subprocess.run(
-        [py, "-c", code],
+        [*argv, "--job", jobid, "--", "/bin/true"],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -205,6 +213,35 @@ def profile_run(py: str, cfg: str, jobid: str, tmp: str, top: int) -> dict[str, 
 # --- main ---------------------------------------------------------------------------------
 
 
+def script_of(cmd: Sequence[str]) -> str | None:
+    """The Python file behind the ``sdexec`` command (to run it under -X importtime)."""
+    path = shutil.which(cmd[0]) if len(cmd) == 1 else None
+    if path is None:
+        return None
+    path = os.path.realpath(path)
+    try:
+        with open(path, "rb") as f:
+            first = f.readline()
+    except OSError:
+        return None
+    return path if first.startswith(b"#!") and b"python" in first else None
+
+
+def importtime_runs(argv: Sequence[str], runs: int, env: dict[str, str] | None) -> list[str]:
+    texts = []
+    for _ in range(runs):
+        p = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+            check=False,
+        )
+        texts.append(p.stderr.decode(errors="replace"))
+    return texts
+
+
 def main(args: argparse.Namespace) -> int:
     prefix = run_prefix()
     py = args.python or sys.executable
@@ -215,59 +252,68 @@ def main(args: argparse.Namespace) -> int:
         cfg = os.path.join(tmp, "exec.toml")
         with open(cfg, "w") as f:
             f.write(CONFIG.format(state=os.path.join(tmp, "state")))
-    sd_times: list[float] = []
-    sr_times: list[float] = []
-    sv_times: list[float] = []
-    server = os.path.exists(SERVER_SOCKET) and not args.no_server
+    times: dict[str, list[float]] = {"systemd_run": [], "in_process": [], "server": [], "raw": []}
+    server = not args.no_server
+    if server and not os.path.exists(server_socket()):
+        log(f"no sdexec server at {server_socket()}: the server path is not measured")
+        server = False
     failures: list[str] = []
     leftover = 0
     try:
 
-        def sdexec_run(i: int) -> float:
+        def in_process(i: int) -> float:
+            # --config: the job runs in this process (sdexec.cli), never through the server
             dt, rc, err = timed(
                 [*sdexec, "run", "--config", cfg, "--job", f"{prefix}-{i}", "--", "/bin/true"]
             )
             if rc != 0:
-                failures.append(f"sdexec run exit {rc}: {err.strip()}")
+                failures.append(f"sdexec run (in-process) exit {rc}: {err.strip()}")
             return dt
 
-        def sdexec_server_run(i: int) -> float:
+        def via_server(i: int) -> float:
             # no --config: the client hands the job to the node's `sdexec serve`
             dt, rc, err = timed([*sdexec, "run", "--job", f"{prefix}-s{i}", "--", "/bin/true"])
             if rc != 0:
                 failures.append(f"sdexec run (server) exit {rc}: {err.strip()}")
             return dt
 
-        def systemd_run() -> float:
+        def raw(i: int) -> float:
+            # the server alone: a client without a program's start, in this process
+            t0 = time.perf_counter()
+            rc = server_run_sync(f"{prefix}-r{i}")
+            dt = time.perf_counter() - t0
+            if rc != 0:
+                failures.append(f"raw client of the server: exit {rc}")
+            return dt
+
+        def systemd_run(_i: int) -> float:
             dt, rc, err = timed(["systemd-run", "-q", "--pipe", "--wait", "/bin/true"])
             if rc != 0:
                 failures.append(f"systemd-run exit {rc}: {err.strip()}")
             return dt
 
-        log(f"warm-up, then {args.k} runs of each, interleaved")
+        series: list[tuple[str, Callable[[int], float]]] = [
+            ("systemd_run", systemd_run),
+            ("in_process", in_process),
+        ]
+        if server:
+            series += [("server", via_server), ("raw", raw)]
+        log(f"warm-up, then {args.k} runs of each of {', '.join(n for n, _ in series)}")
         for i in range(2):
-            sdexec_run(10_000 + i)
-            systemd_run()
-            if server:
-                sdexec_server_run(10_000 + i)
+            for _name, measure in series:
+                measure(10_000 + i)
         for i in range(args.k):
-            series: list[tuple[list[float], Callable[[int], float]]] = [
-                (sd_times, sdexec_run),
-                (sr_times, lambda _i: systemd_run()),
-            ]
-            if server:
-                series.append((sv_times, sdexec_server_run))
             shift = i % len(series)  # rotate who goes first
-            for times, measure in series[shift:] + series[:shift]:
-                times.append(measure(i))
-        log(
-            f"sdexec run median {median(sd_times) * 1000:.1f} ms, "
-            f"systemd-run median {median(sr_times) * 1000:.1f} ms"
-        )
+            for name, measure in series[shift:] + series[:shift]:
+                times[name].append(measure(i))
+        for name, xs in times.items():
+            if xs:
+                log(f"{name}: median {median(xs) * 1000:.1f} ms")
 
         probes = {
             "python -c pass": [py, "-c", "pass"],
-            "python -c 'import sdexec.cli'": [py, "-c", "import sdexec.cli"],
+            "python -S -c pass": [py, "-S", "-c", "pass"],
+            "python -c 'import sdexec.cli.client'": [py, "-c", "import sdexec.cli.client"],
             "sdexec --help": [*sdexec, "--help"],
         }
         startup: dict[str, list[float]] = {k: [] for k in probes}
@@ -275,68 +321,84 @@ def main(args: argparse.Namespace) -> int:
             for name, cmd in probes.items():
                 startup[name].append(timed(cmd)[0])
 
-        log(f"-X importtime on {args.importtime_runs} real 'sdexec run -- /bin/true'")
-        texts = []
-        for i in range(args.importtime_runs):
-            p = subprocess.run(
-                [
-                    py,
-                    "-X",
-                    "importtime",
-                    "-c",
-                    "import sys; from sdexec.cli import main; sys.exit(main())",
-                    "run",
-                    "--config",
-                    cfg,
-                    "--job",
-                    f"{prefix}-it{i}",
-                    "--",
-                    "/bin/true",
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                check=False,
-            )
-            if p.returncode != 0:
-                failures.append(f"importtime run exit {p.returncode}")
-            texts.append(p.stderr.decode(errors="replace"))
+        log(f"-X importtime on {args.importtime_runs} real 'sdexec run -- /bin/true' of each path")
+        script = script_of(sdexec)
+        entry = [script] if script else ["-m", "sdexec"]
+        texts = importtime_runs(
+            [py, "-X", "importtime", *entry, "run", "--config", cfg, "--", "/bin/true"],
+            args.importtime_runs,
+            None,
+        )
         imports = importtime_report(texts, args.top)
+        imports_server = None
+        if server:
+            texts = importtime_runs(
+                [py, "-X", "importtime", *entry, "run", "--", "/bin/true"],
+                args.importtime_runs,
+                None,
+            )
+            imports_server = importtime_report(texts, args.top)
         profile = profile_run(py, cfg, f"{prefix}-prof", tmp, args.top)
     finally:
         leftover = asyncio.run(cleanup_units())
         shutil.rmtree(tmp, ignore_errors=True)
 
-    sd, sr = stats_ms(sd_times), stats_ms(sr_times)
-    in_process_ratio = sd["median_ms"] / sr["median_ms"]
-    sv = stats_ms(sv_times) if sv_times else None
-    # `sdexec run` is what a user types: with the site's sdexec.socket installed it goes to
-    # the server, so that is the path the goal judges; the in-process one is reported too.
-    ratio = sv["median_ms"] / sr["median_ms"] if sv else in_process_ratio
-    met = ratio <= GOAL and not failures and leftover == 0
+    sr = stats_ms(times["systemd_run"])
+    ip = stats_ms(times["in_process"])
+    sv = stats_ms(times["server"]) if times["server"] else None
+    rw = stats_ms(times["raw"]) if times["raw"] else None
+    clean = not failures and leftover == 0
+    ip_ratio = ip["median_ms"] / sr["median_ms"]
+    sv_ratio = sv["median_ms"] / sr["median_ms"] if sv else None
+    goals: dict[str, dict[str, Any]] = {
+        "server": {
+            "goal": f"median(sdexec run via the server) <= {GOAL_SERVER} x median(systemd-run)",
+            "ratio_of_medians": rnd(sv_ratio, 2) if sv_ratio is not None else None,
+            "goal_met": sv_ratio is not None and sv_ratio <= GOAL_SERVER and clean,
+            "moonshot": f"<= {MOONSHOT_SERVER} x",
+            "moonshot_met": sv_ratio is not None and sv_ratio <= MOONSHOT_SERVER and clean,
+        },
+        "in_process": {
+            "goal": f"median(sdexec run --config CFG) <= {GOAL_IN_PROCESS} x median(systemd-run)",
+            "ratio_of_medians": rnd(ip_ratio, 2),
+            "goal_met": ip_ratio <= GOAL_IN_PROCESS and clean,
+        },
+        "server_per_job": {
+            # an absolute figure (ms), unlike the ratios: read it with host.loadavg
+            "goal": f"median(raw client on the server's socket, connect to exit) <= "
+            f"{GOAL_SERVER_MS:g} ms",
+            "median_ms": rw["median_ms"] if rw else None,
+            "goal_met": rw is not None and rw["median_ms"] <= GOAL_SERVER_MS and clean,
+        },
+    }
+    # the exit status judges the two ratios (same run, same machine); the absolute ms only
+    # holds on a quiet node, so it is reported, not judged
+    met = goals["server"]["goal_met"] and goals["in_process"]["goal_met"]
     emit(
         {
             "benchmark": "cli_latency",
-            "goal": f"median(sdexec run) <= {GOAL} x median(systemd-run -q --pipe --wait), "
-            "every run exit 0",
+            "goal": f"server <= {GOAL_SERVER} x and in-process <= {GOAL_IN_PROCESS} x "
+            "median(systemd-run -q --pipe --wait), in the same run, every run exit 0",
             "goal_met": met,
-            "judged_path": "server (sdexec serve via units/sdexec.socket)" if sv else "in-process",
-            "ratio_of_medians": rnd(ratio, 2),
-            "in_process_ratio_of_medians": rnd(in_process_ratio, 2),
-            "server_ratio_of_medians": rnd(sv["median_ms"] / sr["median_ms"], 2) if sv else None,
-            "ratio_of_p90s": rnd(sd["p90_ms"] / sr["p90_ms"], 2),
+            "goals": goals,
+            "server_ratio_of_medians": goals["server"]["ratio_of_medians"],
+            "in_process_ratio_of_medians": goals["in_process"]["ratio_of_medians"],
             "sdexec_run_server": sv,
-            "sdexec_run": sd,
+            "sdexec_run_in_process": ip,
+            "server_raw_client": rw,
             "systemd_run": sr,
+            "client_overhead_ms": rnd(sv["median_ms"] - rw["median_ms"], 1) if sv and rw else None,
             "startup": {k: stats_ms(v) for k, v in startup.items()},
-            "imports_of_sdexec_run": imports,
-            "profile_of_one_sdexec_run": profile,
+            "imports_of_sdexec_run_server": imports_server,
+            "imports_of_sdexec_run_in_process": imports,
+            "profile_of_one_in_process_run": profile,
             "failures": failures[:5],
             "leftover_units": leftover,
             "params": {
                 "k": args.k,
-                "order": "interleaved, alternating which goes first",
-                "sdexec": [
+                "order": "interleaved, rotating which goes first",
+                "server": [*sdexec, "run", "--job", f"{prefix}-sN", "--", "/bin/true"],
+                "in_process": [
                     *sdexec,
                     "run",
                     "--config",
@@ -346,6 +408,8 @@ def main(args: argparse.Namespace) -> int:
                     "--",
                     "/bin/true",
                 ],
+                "raw_client": "bench.common.server_run_sync: connect, request + 3 /dev/null fds, "
+                "read to EOF",
                 "systemd_run": ["systemd-run", "-q", "--pipe", "--wait", "/bin/true"],
                 "python": py,
                 "k_startup": args.k_startup,
