@@ -6,11 +6,11 @@ import time
 
 import pytest
 
-from sdexec.cli import build_parser
-from sdexec.cmd_run import build_request
+from sdexec.cli.cmd_run import build_request
+from sdexec.cli.main import build_parser
+from sdexec.config.memory import UINT32_MAX, cap_memory_max
 from sdexec.errors import UsageError
-from sdexec.memory import UINT32_MAX, cap_memory_max
-from sdexec.slurm import (
+from sdexec.jobexec.slurm import (
     END_MARGIN_SEC,
     allocation_memory,
     belongs_to,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sdexec.errors import CommandNotExecutable, CommandNotFound
-from sdexec.start import (
+from sdexec.systemd.start import (
     INFINITY_USEC,
     UnitPlan,
     properties,
