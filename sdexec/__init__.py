@@ -24,10 +24,10 @@ _EXPORTS = {
     "DEVNULL": "sdexec.exec.channel",
     # the job-exec service: policy, services, records, barrier, drain
     "JobRequest": "sdexec.jobexec.policy",
-    "Handle": "sdexec.jobexec.policy",
+    "Handle": "sdexec.jobexec.handle",
     "select_service": "sdexec.jobexec.policy",
-    "start_job": "sdexec.jobexec.policy",
-    "attach_job": "sdexec.jobexec.policy",
+    "start_job": "sdexec.jobexec.shells",
+    "attach_job": "sdexec.jobexec.attach",
     # errors: each carries the exit code the CLI uses
     "SdexecError": "sdexec.errors",
     "UsageError": "sdexec.errors",
@@ -77,7 +77,10 @@ if TYPE_CHECKING:
     )
     from sdexec.exec.channel import DEVNULL, PIPE
     from sdexec.exec.launcher import Job, JobSpec, Launcher
-    from sdexec.jobexec.policy import Handle, JobRequest, attach_job, select_service, start_job
+    from sdexec.jobexec.attach import attach_job
+    from sdexec.jobexec.handle import Handle
+    from sdexec.jobexec.policy import JobRequest, select_service
+    from sdexec.jobexec.shells import start_job
 
 
 def __getattr__(name: str) -> Any:

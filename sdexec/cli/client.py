@@ -21,23 +21,13 @@ import time
 from collections.abc import Iterator, Sequence
 from types import FrameType
 
+from sdexec.protocol.endpoint import socket_path
+
 TYPE_CHECKING = False  # typing costs a job's start ~1 ms: annotations only
 if TYPE_CHECKING:
     from typing import Any
 
-SYSTEM_SOCKET = "/run/sdexec/sdexec.sock"
 _IN_PROCESS = frozenset({"-c", "--config", "-h", "--help", "--dry-run"})
-
-
-def socket_path(user: bool) -> str:
-    """The server's socket: $SDEXEC_SOCKET, else the system's, else the user's runtime dir."""
-    explicit = os.environ.get("SDEXEC_SOCKET")
-    if explicit:
-        return explicit
-    if not user:
-        return SYSTEM_SOCKET
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
-    return os.path.join(runtime, "sdexec", "sdexec.sock")
 
 
 def wants_server(argv: Sequence[str]) -> bool:

@@ -68,7 +68,7 @@ async def _sweep(cfg: ExecConfig, db: StateDB, *, user_manager: bool) -> list[st
 
     Best effort: the drain is already cleared, and the next job on the node retries.
     """
-    from sdexec.jobexec.policy import sweep_abandoned
+    from sdexec.jobexec.sweep import sweep_abandoned
 
     try:
         return await sweep_abandoned(cfg, db, user_manager=user_manager)

@@ -67,7 +67,7 @@ async def end_job_units(
     """End every unit of ``slurm_job`` here; what was ended, cleaned, and what could not be."""
     from sdexec.exec.drain import drain_node
     from sdexec.exec.launcher import Launcher
-    from sdexec.jobexec.policy import open_db
+    from sdexec.jobexec.records import open_db
     from sdexec.jobexec.slurm import belongs_to, job_of_unit
     from sdexec.systemd.unitname import unit_name
 

@@ -162,7 +162,7 @@ def _orphans(known: set[str]) -> list[str]:
     import asyncio
 
     from sdexec.errors import SdexecError
-    from sdexec.jobexec.policy import orphan_units
+    from sdexec.jobexec.sweep import orphan_units
 
     try:
         return asyncio.run(orphan_units(known))

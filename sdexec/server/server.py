@@ -27,22 +27,17 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from sdexec.cli.client import socket_path
-from sdexec.cli.cmd_run import build_request, outcome
 from sdexec.config.table import ExecConfig
 from sdexec.errors import LaunchError, RefusedError, SdexecError, UsageError
 from sdexec.exec.launcher import Launcher
 from sdexec.exec.statedb import StateDB
-from sdexec.jobexec.policy import (
-    Handle,
-    attach_job,
-    check_attach,
-    db_remove,
-    open_db,
-    owner_uid,
-    select_service,
-    start_job,
-)
+from sdexec.jobexec.attach import attach_job, check_attach
+from sdexec.jobexec.handle import Handle
+from sdexec.jobexec.policy import owner_uid, select_service
+from sdexec.jobexec.records import db_remove, open_db
+from sdexec.jobexec.shells import start_job
+from sdexec.protocol.endpoint import socket_path
+from sdexec.protocol.request import build_request, outcome
 from sdexec.server.admission import Admission, Limits, fds_needed, raise_fd_limit
 from sdexec.systemd.unitname import check_jobid
 
@@ -103,7 +98,7 @@ class Server:
         self.adopted: dict[str, asyncio.Future[tuple[Handle, asyncio.Task[int | None]]]] = {}
         # jobs of connected clients (by job id): an attach for one waits for its end
         self.running: dict[str, asyncio.Future[tuple[Handle, int | None]]] = {}
-        from sdexec.cli.main import build_parser
+        from sdexec.protocol.args import build_parser
 
         self.parser = build_parser("run", served=True)  # slow to build: once, not per job
         self.db: StateDB | None = None

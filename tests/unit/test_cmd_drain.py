@@ -107,7 +107,7 @@ def test_clear_resets_abandoned_units_best_effort(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    import sdexec.jobexec.policy
+    import sdexec.jobexec.sweep
 
     calls: list[bool] = []
 
@@ -118,7 +118,7 @@ def test_clear_resets_abandoned_units_best_effort(
         db.remove_job("f1")
         return ["shell-0-f1.service"]
 
-    monkeypatch.setattr(sdexec.jobexec.policy, "sweep_abandoned", fake_sweep)
+    monkeypatch.setattr(sdexec.jobexec.sweep, "sweep_abandoned", fake_sweep)
     cfg = _config(tmp_path)
     with StateDB.open(str(tmp_path / "state")) as db:
         for jobid, manager in (("f1", "system"), ("f2", "user")):
@@ -142,11 +142,11 @@ def test_clear_resets_abandoned_units_best_effort(
 def test_clear_without_abandoned_jobs_touches_no_bus(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import sdexec.jobexec.policy
+    import sdexec.jobexec.sweep
 
     async def no_sweep(*args: object, **kw: object) -> list[str]:
         raise AssertionError("sweep must not run without abandoned jobs")
 
-    monkeypatch.setattr(sdexec.jobexec.policy, "sweep_abandoned", no_sweep)
+    monkeypatch.setattr(sdexec.jobexec.sweep, "sweep_abandoned", no_sweep)
     assert main(["drain", "clear", "-c", _config(tmp_path)]) == 0
     assert capsys.readouterr().out == "node was not drained\n"

@@ -59,7 +59,7 @@ def one_printable_line(message: str) -> None:
 @example(["=x"], "--setattr")
 @example(["a=b=c", "a=d"], "--env")
 def test_parse_assignments(items: list[str], option: str) -> None:
-    from sdexec.cli.cmd_run import parse_assignments
+    from sdexec.protocol.request import parse_assignments
 
     bad = [item for item in items if "=" not in item or item.startswith("=")]
     try:

@@ -8,7 +8,8 @@ import pytest
 
 from sdexec.config.table import parse_config
 from sdexec.errors import RefusedError, UsageError
-from sdexec.jobexec.policy import Handle, JobRequest, select_service
+from sdexec.jobexec.handle import Handle
+from sdexec.jobexec.policy import JobRequest, select_service
 
 
 def req(**kw: object) -> JobRequest:

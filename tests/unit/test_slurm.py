@@ -6,8 +6,6 @@ import time
 
 import pytest
 
-from sdexec.cli.cmd_run import build_request
-from sdexec.cli.main import build_parser
 from sdexec.config.memory import UINT32_MAX, cap_memory_max
 from sdexec.errors import UsageError
 from sdexec.jobexec.slurm import (
@@ -19,6 +17,8 @@ from sdexec.jobexec.slurm import (
     step_from_environment,
     time_limit_from_end,
 )
+from sdexec.protocol.args import build_parser
+from sdexec.protocol.request import build_request
 
 STEP = {
     "SLURM_JOB_ID": "42", "SLURM_STEP_ID": "0", "SLURM_PROCID": "1", "SLURM_NTASKS": "2",

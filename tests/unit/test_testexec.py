@@ -213,7 +213,7 @@ async def test_mock_run_exception_after_start() -> None:
 
 async def test_simulated_job_publishes_its_start() -> None:
     """on_start reaches the job: its record says started before the run ends (issue 10)."""
-    from sdexec.jobexec.policy import SimulatedJob
+    from sdexec.exec.simulated import SimulatedJob
 
     clock = FakeClock(auto_advance=False)
     seen: list[tuple[bool, bool]] = []
