@@ -69,6 +69,7 @@ async def end_job_units(
     from sdexec.exec.launcher import Launcher
     from sdexec.jobexec.records import open_db
     from sdexec.jobexec.slurm import belongs_to, job_of_unit
+    from sdexec.systemd.list import list_units
     from sdexec.systemd.unitname import unit_name
 
     # a job id is carried into unit names escaped: compare escaped forms
@@ -84,17 +85,15 @@ async def end_job_units(
             if belongs_to(r.jobid, slurm_job) and r.manager == manager_name
         ]
         await launcher.connect()
-        (listed,) = await launcher.manager.call(
-            "ListUnitsByPatterns", "asas", [[], ["shell-*.service", "imp-shell-*.service"]]
-        )
+        listed = await list_units(launcher.manager)
         units: dict[str, str] = {}  # unit -> sdexec job id
         active: set[str] = set()  # what systemd says runs, whatever its unit file says
         for entry in listed:
-            name = str(entry[0])
+            name = entry.name
             parsed = job_of_unit(name)
             if parsed is not None and belongs_to(parsed[1], escaped):
                 units[name] = parsed[1]
-                if str(entry[3]) not in ("inactive", "failed"):
+                if entry.active_state not in ("inactive", "failed"):
                     active.add(name)
         by_unit = {r.unit: r for r in records if r.service == "sdexec"}
         for unit, known in by_unit.items():
@@ -180,12 +179,13 @@ async def _kill_unloaded(launcher: Any, cfg: Any, unit: str, report: dict[str, A
     """A running unit systemd no longer has a valid unit for (StopUnit refuses it): its
     processes still get term-signal, then kill-signal after kill-timeout."""
     from sdexec.systemd.bus import BusCallError
+    from sdexec.systemd.stop import kill_unit, reset_failed
     from sdexec.systemd.unitname import object_path
 
     path = object_path(unit)
     for signum in (cfg.term_signal, cfg.kill_signal):
         try:
-            await launcher.manager.call("KillUnit", "ssi", [unit, "all", signum])
+            await kill_unit(launcher.manager, unit, "all", signum, retry=False)
         except BusCallError as e:
             log.warning("epilog: KillUnit %s: %s", unit, e)
         deadline = time.monotonic() + cfg.kill_timeout
@@ -193,10 +193,7 @@ async def _kill_unloaded(launcher: Any, cfg: Any, unit: str, report: dict[str, A
             props = await launcher.manager.get_some(path, ["ActiveState"])
             if props.get("ActiveState") in ("inactive", "failed"):
                 report["ended"].append(unit)
-                try:
-                    await launcher.manager.call("ResetFailedUnit", "s", [unit])
-                except BusCallError:
-                    pass
+                await reset_failed(launcher.manager, unit, retry=False)
                 return
             await asyncio.sleep(0.1)
     report["problems"].append(

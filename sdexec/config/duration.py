@@ -12,7 +12,7 @@ import re
 
 from sdexec.config.show import show_value
 
-__all__ = ["DurationError", "format_fsd", "parse_fsd"]
+__all__ = ["DurationError", "format_fsd", "format_seconds", "parse_fsd"]
 
 _UNITS: dict[str, float] = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _FSD_RE = re.compile(
@@ -96,3 +96,9 @@ def format_fsd(seconds: float) -> str:
         return repr(seconds) + "s"
     # stable sort: among equals, the candidate order above (larger unit first) wins
     return min(exact, key=lambda c: (len(c), "." in c or "e" in c))
+
+
+def format_seconds(seconds: float) -> str:
+    """Short, stable seconds for messages: ``940``, ``0.5`` (no float noise like 60.0000001)."""
+    text = f"{seconds:.1f}".rstrip("0").rstrip(".")
+    return "0" if text in ("", "-0") else text

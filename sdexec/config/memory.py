@@ -17,6 +17,9 @@ from sdexec.config.show import show_value
 
 __all__ = [
     "INFINITY",
+    "NEVER_SCALED",
+    "SCALABLE",
+    "UINT64_MAX",
     "MemoryBytes",
     "MemoryPercent",
     "MemoryValue",
@@ -25,7 +28,9 @@ __all__ = [
     "to_property",
 ]
 
-INFINITY = 2**64 - 1
+UINT64_MAX = 2**64 - 1
+"""systemd's "infinity" for every u64 property (bytes, microseconds, counts): one definition."""
+INFINITY = UINT64_MAX
 UINT32_MAX = 2**32 - 1
 EXAMPLES = '(e.g. "512M", "4G", "90%", "infinity")'
 _SUFFIXES = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4, "P": 1024**5, "E": 1024**6}
@@ -48,6 +53,12 @@ class MemoryPercent:
 
 
 MemoryValue = MemoryBytes | MemoryPercent
+
+# A job bound to part of a node gets the limits that cap it scaled by its share of the CPUs;
+# the protections (Min/Low) are guarantees the site gave, never scaled (a fraction of a
+# guarantee is none).
+SCALABLE = ("MemoryHigh", "MemoryMax", "MemorySwapMax")
+NEVER_SCALED = ("MemoryMin", "MemoryLow")
 
 
 def parse_memory(value: str) -> MemoryValue:

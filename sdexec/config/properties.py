@@ -21,6 +21,7 @@ from sdexec.config.show import dotted, show_value
 from sdexec.errors import ConfigError
 
 __all__ = [
+    "ENFORCED",
     "MEMORY_PROPERTIES",
     "PROTECTED_PROPERTIES",
     "SUPPORTED_PROPERTIES",
@@ -37,6 +38,9 @@ MEMORY_PROPERTIES = frozenset(
     {"MemoryMax", "MemoryHigh", "MemoryMin", "MemoryLow", "MemorySwapMax"}
 )
 CPUSET_PROPERTIES = frozenset({"AllowedCPUs", "AllowedMemoryNodes"})
+ENFORCED = MEMORY_PROPERTIES | CPUSET_PROPERTIES | {"TasksMax", "DeviceAllow", "DevicePolicy"}
+"""Limits the kernel enforces, so a host that cannot (cgroup v1) must refuse them unless the site
+allows it ([sdexec] allow-unenforced); ``sdexec.systemd.enforce`` reads back each one it can."""
 SUPPORTED_PROPERTIES = frozenset(
     MEMORY_PROPERTIES
     | CPUSET_PROPERTIES
@@ -67,7 +71,7 @@ _PROTECTED_PREFIXES = ("Standard",)  # StandardInput, StandardOutputFileDescript
 _NAME_RE = re.compile(r"[A-Z][A-Za-z0-9]*")
 _TRUE = ("1", "yes", "true", "on")
 _FALSE = ("0", "no", "false", "off")
-UINT64_MAX = 2**64 - 1
+UINT64_MAX = memory.UINT64_MAX
 MAX_CPU = 8191  # systemd refuses larger CPU numbers in a CPU set
 
 

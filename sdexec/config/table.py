@@ -21,7 +21,9 @@ from types import MappingProxyType
 from typing import Any
 
 from sdexec.config.duration import DurationError, format_fsd, parse_fsd
+from sdexec.config.memory import NEVER_SCALED, SCALABLE
 from sdexec.config.properties import (
+    ENFORCED,
     UnitProperty,
     collect_properties,
     combine_errors,
@@ -30,8 +32,6 @@ from sdexec.config.properties import (
 from sdexec.config.show import dotted, show_value
 from sdexec.config.signals import parse_signal, signal_name
 from sdexec.errors import ConfigError
-from sdexec.exec.binding import NEVER_SCALED, SCALABLE
-from sdexec.systemd.enforce import ENFORCED
 
 __all__ = [
     "DEFAULT_CONF_DIR",

@@ -26,12 +26,11 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from sdexec.config import memory
+from sdexec.config.memory import NEVER_SCALED, SCALABLE
 from sdexec.config.show import show_value
 from sdexec.errors import UsageError
 from sdexec.systemd.enforce import format_cpus, parse_cpus, read_text
 
-SCALABLE = ("MemoryHigh", "MemoryMax", "MemorySwapMax")
-NEVER_SCALED = ("MemoryMin", "MemoryLow")
 NVIDIA_SHARED = ("nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-modeset")
 _LIST_RE = re.compile(r"\[?([0-9]+(-[0-9]+)?)(,([0-9]+(-[0-9]+)?))*\]?")
 

@@ -22,38 +22,41 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from dbus_fast import Variant
-
+from sdexec.config.duration import format_seconds
 from sdexec.config.properties import UnitProperty, collect_properties, combine_errors
 from sdexec.config.table import ExecConfig
 from sdexec.errors import CommandNotExecutable, LaunchError, RefusedError, SdexecError, UsageError
 from sdexec.exec.binding import Binding, Topology, bound_properties
 from sdexec.exec.channel import DEVNULL, PIPE, Channels
 from sdexec.exec.clock import Clock, MonotonicClock
+from sdexec.exec.command import (
+    DEFAULT_PATH,
+    IMP_CWD_VAR,
+    IMP_ENV_VAR,
+    IMP_USER_VAR,
+    check_command,
+    check_environment,
+    encode_environment,
+    guest_exec_prefix,
+    guest_passwd,
+    resolve_program,
+)
 from sdexec.exec.job import BaseJob, DrainHook, UpdateHook, Who
 from sdexec.exec.stoptimer import StopTimer, StopTimerPolicy
-from sdexec.exec.termination import KillPolicy, Termination, format_seconds
+from sdexec.exec.termination import KillPolicy, Termination
 from sdexec.systemd import unitstate as us
 from sdexec.systemd.bus import RETRY_FOR, TRANSIENT_ERRORS, BusCallError, Manager
 from sdexec.systemd.cgroup import cgroup_pids, kill_cgroup, unit_cgroup_dir
 from sdexec.systemd.enforce import CHECKS, base_name, check_cgroup, unenforceable
 from sdexec.systemd.gate import Gate
 from sdexec.systemd.start import (
-    DEFAULT_PATH,
-    IMP_CWD_VAR,
-    IMP_ENV_VAR,
-    IMP_USER_VAR,
     UnitPlan,
-    check_command,
-    check_environment,
-    encode_environment,
-    guest_exec_prefix,
-    guest_passwd,
-    properties,
-    resolve_program,
+    refuse_unmarshallable,
+    start_transient_unit,
     stop_timeout_usec,
     verify_applied,
 )
+from sdexec.systemd.stop import is_gone, kill_unit, reset_failed, stop_unit
 from sdexec.systemd.unitname import object_path, unit_name
 
 log = logging.getLogger(__name__)
@@ -172,11 +175,9 @@ class Job(BaseJob):
                 log.info("%s: SIGKILL goes to the IMP as SIGUSR1", self.unit)
                 signum = _signal.SIGUSR1
         try:
-            await self.launcher.manager.call(
-                "KillUnit", "ssi", [self.unit, who, int(signum)], retry=True
-            )
+            await kill_unit(self.launcher.manager, self.unit, who, signum)
         except BusCallError as e:
-            if "NoSuchUnit" in e.name or "no main process" in e.text.lower() or not self.running:
+            if is_gone(e) or not self.running:
                 log.debug("%s: KillUnit(%s, %d): %s", self.unit, who, signum, e)
                 return
             log.error("%s: could not signal processes: %s", self.unit, e)
@@ -295,16 +296,6 @@ class Job(BaseJob):
             kill_cgroup(directory)
             await asyncio.sleep(0.1)
         return True
-
-
-def _refuse_unmarshallable(plan: UnitPlan) -> None:
-    """Raise a one-line error naming the first property D-Bus cannot carry, if there is one."""
-    from sdexec.config.properties import dbus_problem
-
-    for name, (sig, value) in properties(plan):
-        problem = dbus_problem(name, sig, value)
-        if problem is not None:
-            raise UsageError(f"unit property {name}: {problem}")
 
 
 class Launcher:
@@ -669,13 +660,7 @@ class Launcher:
         deadline = asyncio.get_running_loop().time() + RETRY_FOR
         while True:
             try:
-                props = [[k, Variant(sig, v)] for k, (sig, v) in properties(plan)]
-                start_job = await self.manager.job_call(
-                    "StartTransientUnit",
-                    "ssa(sv)a(sa(sv))",
-                    [plan.name, "fail", props, []],
-                    unix_fds=channels.remote,
-                )
+                start_job = await start_transient_unit(self.manager, plan, channels.remote)
                 self._start_jobs[plan.name] = start_job
                 self._created.add(plan.name)
                 return
@@ -723,7 +708,7 @@ class Launcher:
             except Exception:
                 # dbus-fast checks values only as it marshals the call: what it refuses
                 # would surface as its own exception (a traceback); name the property.
-                _refuse_unmarshallable(plan)
+                refuse_unmarshallable(plan)
                 raise
             transient += 1
             if asyncio.get_running_loop().time() > deadline:
@@ -792,25 +777,10 @@ class Launcher:
 
     async def stop_unit(self, unit: str, mode: str = "fail") -> bool:
         """StopUnit; False when it did not get through (then a later re-read retries)."""
-        try:
-            await self.manager.job_call("StopUnit", "ss", [unit, mode], retry=True)
-        except BusCallError as e:
-            if "NoSuchUnit" not in e.name:
-                log.warning("%s: StopUnit: %s", unit, e)
-                return False
-        except LaunchError as e:  # the bus went away: the resync after reconnect retries
-            log.warning("%s: StopUnit: %s", unit, e)
-            return False
-        return True
+        return await stop_unit(self.manager, unit, mode)
 
     async def reset_failed(self, unit: str) -> None:
-        try:
-            await self.manager.call("ResetFailedUnit", "s", [unit], retry=True)
-        except BusCallError as e:
-            if "NoSuchUnit" not in e.name:
-                log.warning("%s: ResetFailedUnit: %s", unit, e)
-        except LaunchError as e:
-            log.warning("%s: ResetFailedUnit: %s", unit, e)
+        await reset_failed(self.manager, unit)
 
     async def forget(self, job: Job) -> None:
         if self.jobs.get(job.path) is job:

@@ -20,10 +20,10 @@ from sdexec.config.table import ExecConfig
 from sdexec.errors import CommandNotExecutable
 from sdexec.exec.channel import PIPE
 from sdexec.exec.clock import Clock, MonotonicClock
+from sdexec.exec.command import check_command, check_environment, resolve_program
 from sdexec.exec.job import BaseJob, DrainHook, UpdateHook, Who
 from sdexec.exec.stoptimer import StopTimer, StopTimerPolicy
 from sdexec.exec.termination import KillPolicy, Termination
-from sdexec.systemd.start import check_command, check_environment, resolve_program
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ import signal
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, TypeAlias
 
+from sdexec.config.duration import format_seconds
 from sdexec.config.signals import signal_name
-from sdexec.exec.termination import format_seconds
 
 if TYPE_CHECKING:
     from sdexec.config.table import ExecConfig

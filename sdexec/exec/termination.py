@@ -36,6 +36,7 @@ import signal
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, TypeAlias
 
+from sdexec.config.duration import format_seconds
 from sdexec.config.signals import signal_name
 
 if TYPE_CHECKING:
@@ -51,7 +52,6 @@ __all__ = [
     "TermReason",
     "TermState",
     "Termination",
-    "format_seconds",
     "policy_stats",
 ]
 
@@ -59,12 +59,6 @@ log = logging.getLogger(__name__)
 
 TermReason: TypeAlias = Literal["cancel", "timeout"]
 TermState: TypeAlias = Literal["idle", "signalling-tasks", "killing-shell", "drained", "exited"]
-
-
-def format_seconds(seconds: float) -> str:
-    """Short, stable seconds for messages: ``940``, ``0.5`` (no float noise like 60.0000001)."""
-    text = f"{seconds:.1f}".rstrip("0").rstrip(".")
-    return "0" if text in ("", "-0") else text
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ async def sweep_abandoned(cfg: ExecConfig, db: StateDB, *, user_manager: bool = 
     recs = [r for r in db.list_jobs() if r.state == "abandoned" and r.manager == manager_name]
     if not recs:
         return []
-    from sdexec.systemd.bus import BusCallError, Manager
+    from sdexec.systemd.bus import Manager
+    from sdexec.systemd.stop import reset_failed
     from sdexec.systemd.unitname import object_path
 
     cleaned = []
@@ -38,12 +39,8 @@ async def sweep_abandoned(cfg: ExecConfig, db: StateDB, *, user_manager: bool = 
             if props.get("LoadState") == "loaded" and state not in ("failed", "inactive"):
                 log.info("%s (abandoned job %s) is still %s", rec.unit, rec.jobid, state)
                 continue
-            if state == "failed":
-                try:
-                    await manager.call("ResetFailedUnit", "s", [rec.unit])
-                except BusCallError as e:
-                    log.warning("%s: ResetFailedUnit: %s", rec.unit, e)
-                    continue
+            if state == "failed" and not await reset_failed(manager, rec.unit, retry=False):
+                continue
             db.remove_job(rec.jobid, rec.rank)
             cleaned.append(rec.unit)
             log.info("cleaned up %s of abandoned job %s", rec.unit, rec.jobid)
@@ -55,13 +52,12 @@ async def sweep_abandoned(cfg: ExecConfig, db: StateDB, *, user_manager: bool = 
 async def orphan_units(known: set[str], *, user_manager: bool = False) -> list[str]:
     """Job units systemd has that no record names (Flux #6590): one call, never a poll loop."""
     from sdexec.systemd.bus import Manager
+    from sdexec.systemd.list import list_units
 
     manager = Manager(user=user_manager)
     await manager.connect()
     try:
-        (units,) = await manager.call(
-            "ListUnitsByPatterns", "asas", [[], ["shell-*.service", "imp-shell-*.service"]]
-        )
+        units = await list_units(manager)
     finally:
         await manager.close()
-    return sorted(u[0] for u in units if u[0] not in known)
+    return sorted(u.name for u in units if u.name not in known)

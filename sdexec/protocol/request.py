@@ -59,7 +59,7 @@ def build_request(
     default directory): the caller's variables, secrets and agent sockets included, are the
     caller's and never reach someone else's job.
     """
-    from sdexec.systemd.start import (
+    from sdexec.exec.command import (
         check_command,
         check_environment,
         guest_base_environment,

@@ -20,9 +20,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sdexec.config.memory import UINT64_MAX
+from sdexec.config.properties import ENFORCED
 from sdexec.systemd.cgroup import CGROUP_ROOT, is_unified
-
-UINT64_MAX = 2**64 - 1
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ CHECKS: Mapping[str, Check] = {
 }
 """Properties the kernel enforces and shows in a file. DeviceAllow/DevicePolicy are enforced
 too (a BPF program on v2, devices.list on v1) but show no value to compare: tests prove them."""
-ENFORCED = frozenset(CHECKS) | {"DeviceAllow", "DevicePolicy"}
+assert set(CHECKS) <= ENFORCED, "a checked property missing from config.properties.ENFORCED"
 HINTS = {
     "memory": "is the memory controller on cgroup v2 and delegated?",
     "cpuset": "is the cpuset controller delegated, and are those CPUs/nodes online?",

@@ -29,9 +29,9 @@ from collections.abc import Sequence
 from types import FrameType
 
 from sdexec.errors import SdexecError
+from sdexec.exec.command import IMP_CWD_VAR, IMP_ENV_VAR, IMP_USER_VAR, decode_environment
 from sdexec.exec.shell import exit_like
 from sdexec.systemd.cgroup import CGROUP_ROOT, cgroup_pids, is_unified, kill_cgroup
-from sdexec.systemd.start import IMP_CWD_VAR, IMP_ENV_VAR, IMP_USER_VAR, decode_environment
 
 __all__ = [
     "ImpError",

@@ -25,8 +25,9 @@ from sdexec.errors import (
     SdexecError,
     UsageError,
 )
+from sdexec.exec.command import check_environment, resolve_program
 from sdexec.jobexec.policy import SERVICE_ATTR, JobRequest, select_service
-from sdexec.systemd.start import UnitPlan, check_environment, properties, resolve_program
+from sdexec.systemd.start import UnitPlan, properties
 from sdexec.systemd.unitname import JOBID_MAX, UNIT_NAME_MAX, object_path, unit_name
 
 FUZZ = settings(max_examples=100, deadline=None)

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sdexec.config.duration import format_seconds
 from sdexec.exec import termination as termination_mod
 from sdexec.exec.clock import FakeClock, drive
 from sdexec.exec.termination import (
@@ -21,7 +22,6 @@ from sdexec.exec.termination import (
     SignalTasks,
     TermAction,
     Termination,
-    format_seconds,
     policy_stats,
 )
 
