@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from sdexec.errors import LaunchError, SdexecError
+from sdexec.exec.aio import first_completed
 
 if TYPE_CHECKING:
     import asyncio
@@ -274,14 +275,7 @@ class LocalBarrierServer:
             self._decide_go()
         if self._outcome is None:
             # a client that goes away (its shell died) no longer counts as entered
-            hangup = asyncio.ensure_future(reader.read(1))
-            decided = asyncio.ensure_future(self._decided.wait())
-            try:
-                await asyncio.wait({hangup, decided}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for t in (hangup, decided):
-                    t.cancel()
-                await asyncio.gather(hangup, decided, return_exceptions=True)
+            await first_completed(reader.read(1), self._decided.wait())
             if self._outcome is None:
                 self._entered.discard(rank)
                 log.info("barrier %s: rank %d left before the barrier completed", self.path, rank)

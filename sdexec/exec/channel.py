@@ -111,6 +111,7 @@ class Channels:
             pipe.close()
             raise
         self._transports.append(transport)
+        reader.transport = transport
         return reader
 
 
@@ -123,6 +124,13 @@ class EofReader(asyncio.StreamReader):
     def __init__(self, limit: int = STREAM_LIMIT) -> None:
         super().__init__(limit=limit)
         self.eof = asyncio.Event()
+        self.transport: asyncio.BaseTransport | None = None  # set by whoever connects it
+
+    def close(self) -> None:
+        """Stop reading: the pipe is closed (not ``feed_eof``, so late data cannot hit a
+        reader that was told it ended); what was received stays readable."""
+        if self.transport is not None:
+            self.transport.close()
 
     def feed_eof(self) -> None:
         super().feed_eof()

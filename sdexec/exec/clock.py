@@ -3,7 +3,8 @@
 The stop timer and the termination sequence are pure state machines that only ever ask "what
 is the next deadline?" and "time is now T, what must I do?". Keeping the clock behind a
 protocol lets tests run a 15-minute kill escalation in microseconds with :class:`FakeClock`,
-and keeps every ``asyncio.sleep`` of the launcher in :func:`drive`.
+and keeps every wait of those machines in :func:`drive` (the launcher's other sleeps are
+polls of systemd and backoffs, not timers of the job).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
+
+from sdexec.exec.aio import first_completed
 
 __all__ = ["Clock", "FakeClock", "MonotonicClock", "TimedMachine", "drive"]
 
@@ -133,15 +136,7 @@ async def drive(
             continue
         if clock.now() < deadline:
             sleeper = asyncio.ensure_future(clock.sleep_until(deadline))
-            waker = asyncio.ensure_future(wake.wait())
-            try:
-                await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for task in (sleeper, waker):
-                    if not task.done():
-                        task.cancel()
-                # Reap the cancelled tasks so none is left pending when the loop closes.
-                await asyncio.gather(sleeper, waker, return_exceptions=True)
+            await first_completed(sleeper, wake.wait())
             if not sleeper.cancelled() and (exc := sleeper.exception()) is not None:
                 raise exc
             # The machine may have changed while we slept: re-read its deadline.

@@ -18,7 +18,8 @@ from typing import Any, Literal
 
 from sdexec.config.signals import signal_name
 from sdexec.errors import SdexecError
-from sdexec.exec.channel import EofReader
+from sdexec.exec.aio import first_completed
+from sdexec.exec.channel import Channels, EofReader
 from sdexec.exec.clock import Clock, drive
 from sdexec.exec.stoptimer import Abandon, KillUnit, StopTimer
 from sdexec.exec.termination import Drain, SignalShell, SignalTasks, Termination
@@ -57,8 +58,9 @@ class BaseJob(ABC):
         self.result: str | None = None
         self.memory_note: str | None = None
         self.stdin: asyncio.StreamWriter | None = None
-        self.stdout: asyncio.StreamReader | None = None
-        self.stderr: asyncio.StreamReader | None = None
+        self.stdout: EofReader | None = None
+        self.stderr: EofReader | None = None
+        self._channels: Channels | None = None  # the stdio made for this job, if any
         self.termination: Termination | None = None
         self.stop_timer: StopTimer | None = None
         self._gone = asyncio.Event()
@@ -98,15 +100,7 @@ class BaseJob(ABC):
 
     async def wait_finished(self) -> int | None:
         """Wait for the main process's exit only (leftovers may still run)."""
-        done = [
-            asyncio.ensure_future(self._finished.wait()),
-            asyncio.ensure_future(self._gone.wait()),
-        ]
-        try:
-            await asyncio.wait(done, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in done:
-                t.cancel()
+        await first_completed(self._finished.wait(), self._gone.wait())
         return self.returncode
 
     def send_signal(self, signum: int) -> None:
@@ -251,17 +245,12 @@ class BaseJob(ABC):
         if not readers:
             return
 
-        async def eof(r: asyncio.StreamReader) -> None:
-            # EOF from the far end, whether or not anyone consumed the data (at_eof() would
-            # wait for a reader that may never come).
-            if isinstance(r, EofReader):
-                await r.eof.wait()
-                return
-            while not getattr(r, "_eof", True):  # noqa: ASYNC110 (asyncio's pipes: no event)
-                await asyncio.sleep(0.01)
-
         try:
-            await asyncio.wait_for(asyncio.gather(*(eof(r) for r in readers)), self.eof_timeout)
+            # EOF from the far end, whether or not anyone consumed the data (at_eof() would
+            # wait for a reader that may never come)
+            await asyncio.wait_for(
+                asyncio.gather(*(r.eof.wait() for r in readers)), self.eof_timeout
+            )
         except TimeoutError:
             log.warning(
                 "%s: stdio still open %gs after the job ended (leftover processes?); closing",
@@ -275,10 +264,10 @@ class BaseJob(ABC):
     def close_stdio(self) -> None:
         """Close our ends: readers then see EOF after what was already received."""
         for r in (self.stdout, self.stderr):
-            # Closing the transport (not feed_eof) so late data cannot hit a closed reader.
-            transport = getattr(r, "_transport", None)
-            if transport is not None:
-                transport.close()
+            if r is not None:
+                r.close()
+        if self._channels is not None:  # stdin's socket too
+            self._channels.close()
 
     def finish_gone(self) -> None:
         if self._gone.is_set():

@@ -154,7 +154,6 @@ class Job(BaseJob):
         self.state = us.UnitState(unit)
         self.path = object_path(unit)
         self._stop_requested = False
-        self._channels: Channels | None = None
         self._gate: Gate | None = None
         self.cgroup: str | None = None
 
@@ -189,11 +188,6 @@ class Job(BaseJob):
 
     async def forget(self) -> None:
         await self.launcher.forget(self)
-
-    def close_stdio(self) -> None:
-        super().close_stdio()
-        if self._channels is not None:  # stdin's socket too
-            self._channels.close()
 
     def stats(self) -> dict[str, Any]:
         out = super().stats()

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 
 from sdexec.config.table import ExecConfig
 from sdexec.errors import CommandNotExecutable
-from sdexec.exec.channel import PIPE
+from sdexec.exec.channel import PIPE, Channels
 from sdexec.exec.clock import Clock, MonotonicClock
 from sdexec.exec.command import check_command, check_environment, resolve_program
 from sdexec.exec.job import BaseJob, DrainHook, UpdateHook, Who
@@ -71,22 +71,29 @@ class RexecJob(BaseJob):
         check_environment(env)
         check_command(argv, cwd)
         path = resolve_program(argv[0], env, cwd)
+        # the same stdio as a unit gets (pipes out, a socket in): one relay for both services
+        channels = Channels.create(stdin, stdout, stderr)
         try:
             proc = await asyncio.create_subprocess_exec(
                 path,
                 *argv[1:],
                 env=dict(env),
                 cwd=cwd,
-                stdin=stdin,
-                stdout=stdout,
-                stderr=stderr,
+                stdin=channels.remote[0],
+                stdout=channels.remote[1],
+                stderr=channels.remote[2],
                 start_new_session=True,
-                limit=1 << 20,
             )
-        except PermissionError as e:
-            raise CommandNotExecutable(f"{argv[0]}: {e.strerror}") from None
-        except OSError as e:
-            raise CommandNotExecutable(f"{argv[0]}: could not be started: {e.strerror}") from None
+        except BaseException as e:
+            channels.close()
+            if isinstance(e, PermissionError):
+                raise CommandNotExecutable(f"{argv[0]}: {e.strerror}") from None
+            if isinstance(e, OSError):
+                raise CommandNotExecutable(
+                    f"{argv[0]}: could not be started: {e.strerror}"
+                ) from None
+            raise
+        channels.close_remote()  # the child has its copies: EOF comes when it closes them
         job = cls(
             jobid,
             name or f"rexec-{jobid}",
@@ -96,9 +103,13 @@ class RexecJob(BaseJob):
             on_drain=on_drain,
             on_update=on_update,
         )
-        job.stdin = proc.stdin
-        job.stdout = proc.stdout
-        job.stderr = proc.stderr
+        job._channels = channels
+        try:
+            job.stdin, job.stdout, job.stderr = await channels.open_streams()
+        except BaseException:
+            channels.close()
+            proc.kill()
+            raise
         job.termination = Termination(KillPolicy.from_config(cfg, via_imp=False), jobid, job.clock)
         job.stop_timer = StopTimer(StopTimerPolicy.from_config(cfg, via_imp=False), job.clock)
         job.spawn(job._watch(), name="rexec-watch")

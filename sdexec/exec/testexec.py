@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Literal
 
 from sdexec.config.duration import parse_fsd
 from sdexec.errors import LaunchError, RefusedError, UsageError
+from sdexec.exec.aio import first_completed
 from sdexec.exec.clock import Clock
 
 __all__ = ["PREFIX", "TestexecError", "TestexecSpec", "allowed", "run_testexec"]
@@ -149,18 +150,6 @@ def allowed(spec: TestexecSpec, *, guest: bool, allow_guests: bool) -> None:
         )
 
 
-async def _first(*aws: asyncio.Future[object]) -> set[asyncio.Future[object]]:
-    """Wait for the first of ``aws``; cancel and reap the rest. Returns the finished ones."""
-    try:
-        done, _ = await asyncio.wait(set(aws), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for t in aws:
-            if not t.done():
-                t.cancel()
-        await asyncio.gather(*aws, return_exceptions=True)
-    return set(done)
-
-
 def _task(coro: Coroutine[Any, Any, object]) -> asyncio.Future[object]:
     return asyncio.ensure_future(coro)
 
@@ -198,7 +187,7 @@ async def run_testexec(
     canceller = waiters[0]
     if not unlimited:
         waiters.append(_task(clock.sleep_until(clock.now() + remaining)))
-    done = await _first(*waiters)
+    done = await first_completed(*waiters)
     if canceller in done:
         log.debug("testexec %s: cancelled", jobid)
         return SIGTERM

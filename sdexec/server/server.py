@@ -29,6 +29,7 @@ from typing import Any
 
 from sdexec.config.table import ExecConfig
 from sdexec.errors import LaunchError, RefusedError, SdexecError, UsageError
+from sdexec.exec.aio import first_completed
 from sdexec.exec.launcher import Launcher
 from sdexec.exec.statedb import StateDB
 from sdexec.jobexec.attach import attach_job, check_attach
@@ -147,9 +148,7 @@ class Server:
         try:
             while not stop.is_set():
                 accept = asyncio.ensure_future(loop.sock_accept(listener))
-                waiter = asyncio.ensure_future(stop.wait())
-                done, _ = await asyncio.wait({accept, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
+                done = await first_completed(accept, stop.wait())
                 if accept not in done:
                     continue
                 task, accept = accept, None
