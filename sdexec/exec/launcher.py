@@ -42,8 +42,6 @@ from sdexec.exec.command import (
     resolve_program,
 )
 from sdexec.exec.job import BaseJob, DrainHook, UpdateHook, Who
-from sdexec.exec.stoptimer import StopTimer, StopTimerPolicy
-from sdexec.exec.termination import KillPolicy, Termination
 from sdexec.systemd import unitstate as us
 from sdexec.systemd.bus import RETRY_FOR, TRANSIENT_ERRORS, BusCallError, Manager
 from sdexec.systemd.cgroup import cgroup_pids, kill_cgroup, unit_cgroup_dir
@@ -591,12 +589,7 @@ class Launcher:
             on_drain=on_drain,
             on_update=on_update,
         )
-        job.termination = Termination(
-            KillPolicy.from_config(self.config, via_imp=via_imp), jobid, self.clock
-        )
-        job.stop_timer = StopTimer(
-            StopTimerPolicy.from_config(self.config, via_imp=via_imp), self.clock
-        )
+        job.apply_kill_policy(self.config, via_imp=via_imp)
         return job
 
     async def adopt(

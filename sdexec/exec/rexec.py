@@ -22,8 +22,6 @@ from sdexec.exec.channel import PIPE, Channels
 from sdexec.exec.clock import Clock, MonotonicClock
 from sdexec.exec.command import check_command, check_environment, resolve_program
 from sdexec.exec.job import BaseJob, DrainHook, UpdateHook, Who
-from sdexec.exec.stoptimer import StopTimer, StopTimerPolicy
-from sdexec.exec.termination import KillPolicy, Termination
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +108,7 @@ class RexecJob(BaseJob):
             channels.close()
             proc.kill()
             raise
-        job.termination = Termination(KillPolicy.from_config(cfg, via_imp=False), jobid, job.clock)
-        job.stop_timer = StopTimer(StopTimerPolicy.from_config(cfg, via_imp=False), job.clock)
+        job.apply_kill_policy(cfg, via_imp=False)
         job.spawn(job._watch(), name="rexec-watch")
         job.publish()
         return job

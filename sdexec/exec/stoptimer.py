@@ -1,11 +1,13 @@
 """The sdexec stop timer: what happens to a unit stuck in ``deactivating``.
 
-A guest unit runs with ``KillMode=process`` and ``SendSIGKILL=no`` (systemd, running as the
-instance owner, may not signal guest processes), so when the job shell exits, leftover user
-processes keep the unit in ``deactivating`` for ever. This timer bounds that: after
-``sdexec-stop-timer-sec`` it sends ``sdexec-stop-timer-signal`` to the unit's main process
-(SIGUSR1 by default: the IMP turns it into SIGKILL of the whole cgroup), and after the same time
-again it gives up on the unit, so the job's kill escalation can end in draining the node.
+A guest's unit (through the IMP) runs with ``KillMode=process`` and no systemd stop timeout
+(systemd, running as the instance owner, must not signal a guest's processes: only the IMP
+may), so when the job shell exits, leftover user processes keep the unit in ``deactivating``
+for ever; any other unit's leftovers can outlast systemd's SIGTERM the same way. This timer
+bounds that: after ``sdexec-stop-timer-sec`` it sends ``sdexec-stop-timer-signal`` through
+``KillUnit`` (to the IMP, the main process, for a guest: SIGUSR1 by default, which it turns
+into SIGKILL of the whole cgroup; to every process of the unit otherwise), and after the same
+time again it gives up on the unit, so the job's kill escalation can end in draining the node.
 
 Timeline for the defaults (30 s, SIGUSR1), unit deactivating at t=0:
 ``t=0`` armed; ``t=30`` KillUnit(SIGUSR1); ``t=60`` Abandon.
@@ -44,7 +46,8 @@ _FINAL_STATES = frozenset({"inactive", "failed"})
 
 @dataclass(frozen=True)
 class KillUnit:
-    """Send ``signal`` to the unit's main process (``KillUnit(name, "main", signal)``)."""
+    """Send ``signal`` with ``KillUnit``: to the main process for a guest (the IMP), to the
+    whole unit otherwise (the job's ``stop_signal_target``)."""
 
     signal: int
 

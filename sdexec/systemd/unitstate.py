@@ -82,8 +82,15 @@ def wait_status(code: int, status: int) -> int:
     raise ValueError(f"ExecMainCode {code} is not an exit")
 
 
-def describe_status(ws: int) -> str:
-    """Human wording of a wait status, for logs and --json."""
+def describe_status(ws: int, *, short: bool = False) -> str:
+    """Human wording of a wait status, for logs and --json (``short``: a table's cell, like
+    ``exit 3`` or ``signal 9``)."""
+    if short:
+        if os.WIFEXITED(ws):
+            return f"exit {os.WEXITSTATUS(ws)}"
+        if os.WIFSIGNALED(ws):
+            return f"signal {os.WTERMSIG(ws)}"
+        return f"status {ws}"
     rc = os.waitstatus_to_exitcode(ws)
     if rc >= 0:
         return f"exited with status {rc}"
