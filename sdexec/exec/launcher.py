@@ -179,6 +179,11 @@ class Job(BaseJob):
                 return
             log.error("%s: could not signal processes: %s", self.unit, e)
             self.error = self.error or f"could not signal the job's processes: {e.text}"
+        except LaunchError as e:
+            # no bus in bounded time (bus.call's deadline): the sequence goes on to its next
+            # step, and in the end to the drain, rather than stalling on a dead bus
+            log.error("%s: could not signal processes: %s", self.unit, e)
+            self.error = self.error or f"could not signal the job's processes: {e}"
 
     def stop_signal_target(self) -> Who:
         # Through the IMP the main process proxies SIGUSR1 to the whole unit.
