@@ -20,18 +20,18 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from sdexec import cli
-from sdexec.config import EXEC_KEYS, SDEXEC_KEYS, ExecConfig, load_config, parse_config
-from sdexec.errors import ConfigError, SdexecError
-from sdexec.properties import (
+from sdexec.cli import main as cli
+from sdexec.config.properties import (
     MEMORY_PROPERTIES,
     PROTECTED_PROPERTIES,
     SUPPORTED_PROPERTIES,
     collect_properties,
     is_protected,
 )
-from sdexec.show import dotted
-from sdexec.start import INFINITY_USEC, stop_timeout_usec
+from sdexec.config.show import dotted
+from sdexec.config.table import EXEC_KEYS, SDEXEC_KEYS, ExecConfig, load_config, parse_config
+from sdexec.errors import ConfigError, SdexecError
+from sdexec.systemd.start import INFINITY_USEC, stop_timeout_usec
 
 FUZZ = settings(max_examples=60, deadline=None)
 FILE = "exec.toml"
@@ -340,7 +340,12 @@ def test_properties_converted_or_refused(table: dict[str, Any], allow: list[str]
         if is_protected(name) or (name not in SUPPORTED_PROPERTIES and name not in allow):
             assert dotted((*TABLE.split("."), name)) in refused, name
     assert len(props) + len(errors) == len(table)
-    by_name = {p.name.removesuffix("Scale") if p.signature == "u" else p.name: p for p in props}
+    # the config's name of each converted property (systemd's D-Bus name may differ)
+    dbus_names = {"RuntimeMaxUSec": "RuntimeMaxSec"}
+    by_name = {
+        p.name.removesuffix("Scale") if p.signature == "u" else dbus_names.get(p.name, p.name): p
+        for p in props
+    }
     for name, p in by_name.items():
         assert dotted((*TABLE.split("."), name)) not in refused
         assert not is_protected(p.name)
