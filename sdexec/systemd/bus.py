@@ -8,14 +8,25 @@ lessons (docs/design-notes.md) are mostly about it:
 - bound the calls in flight (the system bus caps pending replies per connection at 128);
 - after a disconnect or a ``daemon-reexec`` signals in between are lost: reconnect with
   back-off, re-subscribe, re-add the matches and let the owner re-read what it tracks.
+
+As root on the system manager it can also talk to systemd directly, on systemd's private
+socket (``/run/systemd/private``, what systemctl uses as root): no dbus-daemon in between, so
+none of its per-connection caps (match rules, pending replies) and nothing to lose when it
+restarts; systemd sends every signal to every direct connection, so there are no match rules
+at all. ``connection=`` (or ``$SDEXEC_SYSTEMD_CONNECTION``) picks it: ``bus``, ``direct``,
+or ``auto`` (direct when allowed, else the bus; the bus also whenever a direct connect
+fails). bench/README.md has the figures behind the default.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import fcntl
 import logging
 import os
+import sys
+import termios
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -57,6 +68,13 @@ UNIT_MATCH_MAX = 256
 """Per-unit match rules up to here, then one rule for the unit namespace, filtered in-process:
 dbus-daemon refuses more than 512 rules per connection, and the switch must leave room."""
 UNIT_NAMESPACE = "/org/freedesktop/systemd1/unit"
+SYSTEMD_PRIVATE = "/run/systemd/private"
+"""systemd's own socket for direct (peer-to-peer) D-Bus connections; root only."""
+CONNECTION_ENV = "SDEXEC_SYSTEMD_CONNECTION"
+CONNECTIONS = ("auto", "bus", "direct")
+DEFAULT_CONNECTION = "bus"
+DIRECT_CONNECT_TIMEOUT = 2.0
+"""A direct connect that takes longer is given up for the bus (``auto``) or retried."""
 
 PropsHandler = Callable[[str, dict[str, Any]], None]
 """(object path, changed properties unwrapped) -> None"""
@@ -106,11 +124,75 @@ def _user_bus_address() -> str:
     )
 
 
-class Manager:
-    """A connection to systemd's manager (system, or the calling user's with ``user=True``)."""
+class _DirectBus(MessageBus):
+    """dbus-fast on systemd's private socket.
 
-    def __init__(self, *, user: bool = False, max_in_flight: int = MAX_IN_FLIGHT) -> None:
+    systemd's sd-bus (252 here) does not look at a message that arrives in the same read as
+    the authentication's ``BEGIN`` until more bytes come, and dbus-fast sends its Hello right
+    after ``BEGIN``: the connect would then wait forever. So once authenticated this waits
+    (bounded) until systemd has read all we sent (``SIOCOUTQ``: our bytes it has not read
+    yet) before the Hello goes. systemd answers that Hello with UnknownObject (a direct
+    connection has no bus driver), which dbus-fast takes as the connection's name: harmless.
+    """
+
+    async def _authenticate(self) -> None:
+        await super()._authenticate()
+        sock = getattr(self, "_sock", None)
+        if sock is None:  # another dbus-fast: the connect timeout covers a lost Hello
+            return
+        # nothing tells when a peer has read: look again every 0.5 ms, for up to a second
+        # (typically systemd has read it by the first look)
+        for _ in range(2000):
+            if _unread(sock.fileno()) == 0:
+                return
+            await asyncio.sleep(0.0005)
+
+
+def _unread(fd: int) -> int:
+    """Bytes we wrote on this unix socket that its peer has not read yet."""
+    try:
+        out = fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0")  # SIOCOUTQ
+    except OSError:
+        return 0
+    return int.from_bytes(out, sys.byteorder)
+
+
+def connection_mode(user: bool, asked: str | None = None) -> str:
+    """``bus`` or ``direct``: what ``asked`` (else $SDEXEC_SYSTEMD_CONNECTION, else the
+    default) means for this manager; ``auto`` is direct only as root on the system manager
+    with systemd's private socket there."""
+    mode = asked or os.environ.get(CONNECTION_ENV) or DEFAULT_CONNECTION
+    if mode not in CONNECTIONS:
+        raise LaunchError(f"${CONNECTION_ENV}: {mode!r} is not one of {', '.join(CONNECTIONS)}")
+    allowed = not user and os.geteuid() == 0 and os.path.exists(SYSTEMD_PRIVATE)
+    if mode == "direct" and not allowed:
+        raise LaunchError(
+            f"a direct connection to systemd needs root, the system manager and "
+            f"{SYSTEMD_PRIVATE}; use connection 'bus' or 'auto'"
+        )
+    if mode == "auto":
+        return "direct" if allowed else "bus"
+    return mode
+
+
+class Manager:
+    """A connection to systemd's manager (system, or the calling user's with ``user=True``).
+
+    ``connection``: ``bus`` (through dbus-daemon), ``direct`` (systemd's private socket) or
+    ``auto``; None: ``$SDEXEC_SYSTEMD_CONNECTION``, else DEFAULT_CONNECTION.
+    """
+
+    def __init__(
+        self,
+        *,
+        user: bool = False,
+        max_in_flight: int = MAX_IN_FLIGHT,
+        connection: str | None = None,
+    ) -> None:
         self.user = user
+        self.connection = connection or os.environ.get(CONNECTION_ENV) or DEFAULT_CONNECTION
+        self.direct = False
+        """Whether the current connection is the direct one (else through dbus-daemon)."""
         self._bus: MessageBus | None = None
         self._slots = asyncio.Semaphore(max_in_flight)
         self._props_handlers: dict[str, tuple[PropsHandler, PropsFilter]] = {}
@@ -158,18 +240,32 @@ class Manager:
             raise LaunchError(f"cannot connect to the {which} bus: {e!r}") from e
 
     async def _connect_attempt(self) -> None:
-        if self.user:
-            bus = MessageBus(bus_address=_user_bus_address(), negotiate_unix_fd=True)
-        else:
-            bus = MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True)
-        try:
-            await bus.connect()
-        except (OSError, DBusError, EOFError) as e:
-            which = "user" if self.user else "system"
-            raise LaunchError(f"cannot connect to the {which} bus: {e}") from e
+        mode = connection_mode(self.user, self.connection)
+        bus: MessageBus | None = None
+        if mode == "direct":
+            bus = await self._connect_direct(fallback=self.connection == "auto")
+        self.direct = bus is not None
+        if bus is None:
+            if self.user:
+                bus = MessageBus(bus_address=_user_bus_address(), negotiate_unix_fd=True)
+            else:
+                bus = MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True)
+            try:
+                await bus.connect()
+            except (OSError, DBusError, EOFError) as e:
+                which = "user" if self.user else "system"
+                raise LaunchError(f"cannot connect to the {which} bus: {e}") from e
         try:
             bus.add_message_handler(self._on_message)
             self._bus = bus
+            if self.direct:
+                # every signal comes on a direct connection: no rules; Subscribe is a no-op
+                # there but harmless, and says systemd is ready for calls
+                self._matched.clear()
+                self._namespace_match = False
+                await self._retrying(bus, "Subscribe")
+                self._connected.set()
+                return
             # Signals before Subscribe are not sent (moonshine #124); matches before any start.
             # The calls are independent: sent together, they cost one round trip, not three.
             self._matched.clear()  # a new connection has none of the old rules
@@ -198,6 +294,20 @@ class Manager:
             bus.disconnect()
             raise
         self._connected.set()
+
+    async def _connect_direct(self, *, fallback: bool) -> MessageBus | None:
+        """A connection on systemd's private socket; None (``fallback``: use the bus) when
+        that fails, else the failure (the reconnect loop retries)."""
+        bus = _DirectBus(bus_address=f"unix:path={SYSTEMD_PRIVATE}", negotiate_unix_fd=True)
+        try:
+            await asyncio.wait_for(bus.connect(), DIRECT_CONNECT_TIMEOUT)
+        except (OSError, DBusError, EOFError, TimeoutError) as e:
+            bus.disconnect()
+            if fallback:
+                log.info("direct connection to systemd failed (%r); using the bus", e)
+                return None
+            raise LaunchError(f"cannot connect to systemd at {SYSTEMD_PRIVATE}: {e!r}") from e
+        return bus
 
     async def _watch(self) -> None:
         """Reconnect with back-off whenever the connection drops, then tell the owners."""
@@ -462,6 +572,8 @@ class Manager:
         )
 
     async def _match_unit(self, path: str) -> None:
+        if self.direct:
+            return  # systemd sends a direct connection every signal
         async with self._match_lock:
             if self._namespace_match or path in self._matched:
                 return
@@ -503,7 +615,7 @@ class Manager:
             handler(freed, await self.get_all(freed, keys=keys))
 
     async def _remove_match(self, rule: str) -> None:
-        if self._bus is None or not self._bus.connected:
+        if self._bus is None or not self._bus.connected or self.direct:
             return
         try:
             await self.call(
