@@ -297,17 +297,24 @@ class Manager:
 
     async def _connect_direct(self, *, fallback: bool) -> MessageBus | None:
         """A connection on systemd's private socket; None (``fallback``: use the bus) when
-        that fails, else the failure (the reconnect loop retries)."""
-        bus = _DirectBus(bus_address=f"unix:path={SYSTEMD_PRIVATE}", negotiate_unix_fd=True)
-        try:
-            await asyncio.wait_for(bus.connect(), DIRECT_CONNECT_TIMEOUT)
-        except (OSError, DBusError, EOFError, TimeoutError) as e:
-            bus.disconnect()
-            if fallback:
-                log.info("direct connection to systemd failed (%r); using the bus", e)
-                return None
-            raise LaunchError(f"cannot connect to systemd at {SYSTEMD_PRIVATE}: {e!r}") from e
-        return bus
+        that fails. Without a fallback a refused or reset connect (systemd re-executing: its
+        socket is away, or the connection is dropped in the handshake) is tried again with
+        back-off, as the bus path retries Subscribe, until CONNECT_TIMEOUT ends the attempt."""
+        delay = 0.02
+        while True:
+            bus = _DirectBus(bus_address=f"unix:path={SYSTEMD_PRIVATE}", negotiate_unix_fd=True)
+            try:
+                await asyncio.wait_for(bus.connect(), DIRECT_CONNECT_TIMEOUT)
+                return bus
+            except (OSError, DBusError, EOFError, TimeoutError) as e:
+                bus.disconnect()
+                if fallback:
+                    log.info("direct connection to systemd failed (%r); using the bus", e)
+                    return None
+                self.connect_retries += 1
+                log.info("direct connection to systemd: %r; retrying", e)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
 
     async def _watch(self) -> None:
         """Reconnect with back-off whenever the connection drops, then tell the owners."""

@@ -100,6 +100,8 @@ class BatchResult:
     start_time: float
     reconnects: int
     start_failures: list[str] = field(default_factory=list)
+    direct: bool = False
+    """The launcher talked to systemd directly (/run/systemd/private), not through the bus."""
 
     def lost(self, cases: list[JobCase]) -> list[str]:
         """Jobs whose status or output is missing or wrong, or was reported other than once."""
@@ -200,6 +202,7 @@ async def run_batch(
                     readers[jobid].cancel()
             errors = {j.jobid: j.error for j in jobs if j.error}
             reconnects = launcher.manager.reconnects
+            direct = launcher.manager.direct
         finally:
             await launcher.close()
     elapsed = time.monotonic() - t0
@@ -225,6 +228,7 @@ async def run_batch(
         start_time=start_time,
         reconnects=reconnects,
         start_failures=failures,
+        direct=direct,
     )
 
 
