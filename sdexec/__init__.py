@@ -6,8 +6,6 @@ pays for every import on its start-up path, so the heavy modules (dbus-fast, sql
 imported when a name that needs them is first used.
 """
 
-from __future__ import annotations
-
 TYPE_CHECKING = False  # the typing module would cost every `sdexec run` its import
 __version__ = "0.1.0"
 
@@ -83,7 +81,7 @@ if TYPE_CHECKING:
     from sdexec.jobexec.shells import start_job
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> "Any":  # quoted: no __future__ import on every job's start
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'sdexec' has no attribute {name!r}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Any
 
 from sdexec.config.show import show_value
@@ -61,6 +60,14 @@ SCALABLE = ("MemoryHigh", "MemoryMax", "MemorySwapMax")
 NEVER_SCALED = ("MemoryMin", "MemoryLow")
 
 
+def _fraction(text: str) -> Any:
+    """``Fraction(text)``, imported on first use: fractions (with decimal and numbers) costs
+    an in-process ``sdexec run`` ~2 ms, and most jobs never parse a size."""
+    from fractions import Fraction
+
+    return Fraction(text)
+
+
 def parse_memory(value: str) -> MemoryValue:
     """Parse a memory value; fractional sizes ("1.5G") are floored to whole bytes."""
     if not isinstance(value, str):
@@ -72,7 +79,7 @@ def parse_memory(value: str) -> MemoryValue:
         return MemoryBytes(INFINITY)
     if text.endswith("%"):
         m = _PERCENT_RE.fullmatch(text)
-        permyriad = int(Fraction(m.group("num")) * 100) if m else None
+        permyriad = int(_fraction(m.group("num")) * 100) if m else None
         if permyriad is None or permyriad > 10000:
             raise ValueError(
                 f"{show_value(value)} is not a memory size "
@@ -82,7 +89,7 @@ def parse_memory(value: str) -> MemoryValue:
     m = _SIZE_RE.fullmatch(text)
     if m is None:
         raise ValueError(f"{show_value(value)} is not a memory size {EXAMPLES}")
-    n = int(Fraction(m.group("num")) * _SUFFIXES[m.group("suffix").upper()])
+    n = int(_fraction(m.group("num")) * _SUFFIXES[m.group("suffix").upper()])
     if n > INFINITY:
         raise ValueError(
             f'{show_value(value)} is not a memory size (less than 16E, e.g. "512M", or "infinity")'

@@ -6,7 +6,6 @@ Every problem is collected before raising, so one ``sdexec config check`` shows 
 
 from __future__ import annotations
 
-import difflib
 import glob
 import logging
 import math
@@ -256,6 +255,8 @@ def _did_you_mean(word: str, choices: tuple[str, ...]) -> str | None:
     normalized = word.replace("_", "-").lower()
     if normalized in choices:
         return normalized
+    import difflib  # only for an error's suggestion
+
     close = difflib.get_close_matches(normalized, choices, n=1, cutoff=0.6)
     return close[0] if close else None
 
@@ -369,6 +370,8 @@ def _check_top_level(data: Mapping[str, Any], c: _Checker) -> None:
     for key in data:
         if key in OUR_TABLES or key in FLUX_TABLES:
             continue
+        import difflib  # only for an error's suggestion
+
         close = difflib.get_close_matches(key.lower(), OUR_TABLES, n=1, cutoff=0.75)
         if close:
             c.error((key,), f"unknown table; did you mean [{close[0]}]?")

@@ -6,7 +6,6 @@ launcher's own user: never call it for a guest's command)."""
 
 from __future__ import annotations
 
-import base64
 import os
 import pwd
 import re
@@ -134,12 +133,16 @@ def guest_base_environment(pw: pwd.struct_passwd) -> dict[str, str]:
 def encode_environment(env: Mapping[str, str]) -> str:
     """The guest's environment as one opaque value (``K=V\\0``..., base64) for the IMP: no
     escaping to get wrong, and no variable a loader or interpreter would act on as root."""
+    import base64  # guests only
+
     return base64.b64encode(b"".join(f"{k}={v}".encode() + b"\0" for k, v in env.items())).decode()
 
 
 def decode_environment(text: str) -> dict[str, str]:
     """:func:`encode_environment`'s inverse; ValueError if it is not one."""
     env: dict[str, str] = {}
+    import base64
+
     for item in base64.b64decode(text.encode("ascii"), validate=True).split(b"\0")[:-1]:
         key, sep, value = item.decode().partition("=")
         if not sep or not valid_env_name(key):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 
 SH = "/bin/sh"
@@ -35,6 +34,8 @@ class Gate:
         base = os.environ.get("XDG_RUNTIME_DIR") or ("/run" if os.geteuid() == 0 else None)
         if base is not None and not os.path.isdir(base):
             base = None
+        import tempfile  # ~1 ms at import (random, shutil): only jobs with a gate pay it
+
         self.dir = tempfile.mkdtemp(prefix="sdexec-gate-", dir=base)
         self.path = os.path.join(self.dir, "gate")
         os.mkfifo(self.path, 0o600)
