@@ -51,9 +51,10 @@ def test_the_environment_picks_it_and_a_bad_value_is_one_line(
         bus.connection_mode(user=False)
 
 
-def test_the_default_is_the_bus(private_socket: Path) -> None:
+def test_the_default_is_auto_so_a_user_manager_gets_the_bus(private_socket: Path) -> None:
+    assert bus.DEFAULT_CONNECTION == "auto"
     assert bus.connection_mode(user=True) == "bus"
-    assert bus.Manager().connection == bus.DEFAULT_CONNECTION
+    assert bus.Manager().connection == "auto"
 
 
 def test_unread_counts_what_the_peer_has_not_read() -> None:
