@@ -102,3 +102,18 @@ def test_the_client_imports_only_what_the_interpreter_has() -> None:
         [sys.executable, "-S", "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("handler", [False, True])
+def test_the_exit_skips_teardown_but_keeps_output_and_exit_handlers(handler: bool) -> None:
+    """What the client says reaches stderr and its exit status is the job's; an exit handler
+    (coverage's, under the tests) still runs."""
+    code = (
+        f"import sys, atexit; sys.path.insert(0, {str(ROOT)!r}); "
+        "from sdexec.cli.client import _exit; "
+        + ("atexit.register(lambda: sys.stderr.write('handler\\n')); " if handler else "")
+        + "sys.stderr.write('sdexec: said\\n'); _exit(3)"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert p.returncode == 3
+    assert p.stderr == "sdexec: said\n" + ("handler\n" if handler else "")
