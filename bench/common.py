@@ -201,8 +201,9 @@ class CpuMeter:
         self._ps = psutil
         self._pid1 = psutil.Process(1)
         self._bus: Any = None
-        for p in psutil.process_iter(["name"]):
-            if p.info["name"] == "dbus-daemon":
+        # the system bus's daemon: a user's session bus (left by a test) is another one
+        for p in psutil.process_iter(["name", "cmdline"]):
+            if p.info["name"] == "dbus-daemon" and "--system" in (p.info["cmdline"] or []):
                 self._bus = p
                 break
         self._start = self._sample()
