@@ -26,10 +26,13 @@ from sdexec.config.duration import format_seconds
 from sdexec.config.properties import UnitProperty, collect_properties, combine_errors
 from sdexec.config.table import ExecConfig
 from sdexec.errors import CommandNotExecutable, LaunchError, RefusedError, SdexecError, UsageError
+from sdexec.exec.accounting import ENV_VAR as ACCOUNTING_VAR
+from sdexec.exec.accounting import SYSTEMD_PROPERTIES as ACCOUNTING_PROPERTIES
 from sdexec.exec.binding import Binding, Topology, bound_properties
 from sdexec.exec.channel import DEVNULL, PIPE, Channels
 from sdexec.exec.clock import Clock, MonotonicClock
 from sdexec.exec.command import (
+    BUILTIN_SHELL,
     DEFAULT_PATH,
     IMP_CWD_VAR,
     IMP_ENV_VAR,
@@ -43,7 +46,7 @@ from sdexec.exec.command import (
 )
 from sdexec.exec.job import BaseJob, DrainHook, UpdateHook, Who
 from sdexec.systemd import unitstate as us
-from sdexec.systemd.bus import RETRY_FOR, TRANSIENT_ERRORS, BusCallError, Manager
+from sdexec.systemd.bus import RETRY_FOR, SERVICE_IFACE, TRANSIENT_ERRORS, BusCallError, Manager
 from sdexec.systemd.cgroup import cgroup_pids, kill_cgroup, unit_cgroup_dir
 from sdexec.systemd.enforce import CHECKS, base_name, check_cgroup, unenforceable
 from sdexec.systemd.gate import Gate
@@ -88,6 +91,10 @@ class JobSpec:
     description: str | None = None
     binding: Binding = field(default_factory=Binding)  # cores/GPUs: bound limits (binding.py)
     memory_max: int | None = None  # bytes (a resource manager's allocation), capped by the site's
+    # end-of-job figures (Job.stats()["accounting"]): CPU, memory peak, IO, tasks. On hosts
+    # whose systemd cannot give them (cgroup v1, systemd < 254) our job shell measures them:
+    # one more process in the unit (~15 ms of start-up), so only when asked
+    accounting: bool = False
 
 
 def _start_pending(props: Mapping[str, Any]) -> bool:
@@ -154,6 +161,8 @@ class Job(BaseJob):
         self._stop_requested = False
         self._gate: Gate | None = None
         self.cgroup: str | None = None
+        self.want_accounting = False  # read the figures at the exit, before stop or reset
+        self._accounting_read: asyncio.Task[None] | None = None
 
     @property
     def unit(self) -> str:
@@ -217,6 +226,7 @@ class Job(BaseJob):
             self.spawn(self._stop())
 
     async def _stop(self) -> None:
+        await self._accounted()
         if not await self.launcher.stop_unit(self.unit):
             self._stop_requested = False  # the next state re-read (resync) tries again
 
@@ -224,17 +234,39 @@ class Job(BaseJob):
         if isinstance(event, us.Started):
             self.pid = event.pid
             log.debug("%s: started, pid %d", self.unit, event.pid)
+            self.note_started()
             self.publish()
         elif isinstance(event, us.Finished):
             self.result = str(self.state.props.get("Result", "")) or None
             log.debug("%s: %s", self.unit, us.describe_status(event.wait_status))
             self._note_memory(event.wait_status)
+            if self.want_accounting and self._accounting_read is None:
+                # before anything stops or resets the unit (on_props spawns the stop next)
+                self._accounting_read = asyncio.ensure_future(self._read_accounting())
             self.set_finished(event.wait_status)
         elif isinstance(event, us.Deactivating):
             log.debug("%s: deactivating", self.unit)
         elif isinstance(event, us.Gone):
             self.result = self.result or event.result or None
             self.spawn(self._cleanup(event.failed))
+
+    async def _read_accounting(self) -> None:
+        """The finished unit's figures: systemd's, and what its main process reported as
+        its status (accounting.py), in one GetAll; a failure costs the figures, not the job."""
+        try:
+            props = await self.launcher.manager.get_all(
+                self.path, SERVICE_IFACE, keys=ACCOUNTING_PROPERTIES
+            )
+        except (BusCallError, LaunchError) as e:
+            log.info("%s: reading the end-of-job figures: %s", self.unit, e)
+            return
+        self.accounting.update_from_unit(props)
+        self.publish()
+
+    async def _accounted(self) -> None:
+        """Wait for the figures' read, if one is under way: the unit must still be there."""
+        if self._accounting_read is not None:
+            await asyncio.wait([self._accounting_read])
 
     def _note_memory(self, ws: int) -> None:
         result = str(self.state.props.get("Result", ""))
@@ -261,6 +293,7 @@ class Job(BaseJob):
                 log.debug("%s: reading the status: %s", self.unit, e)
             if self.wait_status is None and self.error is None:
                 self.error = f"the unit ended without an exit status (Result={self.result})"
+        await self._accounted()
         if not await self._reap_leftovers():
             return  # abandoned: the node is drained, the unit kept for post-mortem
         if failed and not self.keep_failed_unit:
@@ -392,13 +425,18 @@ class Launcher:
                     "needs a root launcher on the system manager ([sdexec] guest-credentials)"
                 )
             pw = guest_passwd(spec.run_as)
-            argv = [*(spec.shell or guest_exec_prefix(spec.argv[0])), *spec.argv]
+            shell = spec.shell or (BUILTIN_SHELL if spec.accounting else ())
+            argv = [*(shell or guest_exec_prefix(spec.argv[0])), *spec.argv]
             argv[0] = resolve_program(argv[0], {"PATH": DEFAULT_PATH}, "/")  # ours, not theirs
             groups = [g for g in os.getgrouplist(pw.pw_name, pw.pw_gid) if g != pw.pw_gid]
             user = (pw.pw_uid, pw.pw_gid, tuple(groups))
         else:
-            argv = [*spec.shell, *spec.argv]
+            shell = spec.shell or (BUILTIN_SHELL if spec.accounting else ())
+            argv = [*shell, *spec.argv]
             argv[0] = resolve_program(argv[0], env, cwd)
+        if spec.accounting and (via_imp or tuple(argv[: len(BUILTIN_SHELL)]) == BUILTIN_SHELL):
+            # its main process measures (our shell; the IMP if it can): accounting.py
+            unit_env = {**unit_env, ACCOUNTING_VAR: "1"}
         props = bound_unit_properties(cfg, spec.binding) if spec.binding else cfg.unit_properties
         extra = tuple((p.name, p.signature, p.value) for p in props)
         if spec.memory_max is not None:
@@ -421,6 +459,7 @@ class Launcher:
             fds=fds,
             expand_env=not self._exec_start_ex,
             user=user,
+            accounting=spec.accounting,
         )
 
     def refuse_unenforceable(self, jobid: str, names: Sequence[str]) -> None:
@@ -450,6 +489,7 @@ class Launcher:
         job = self._new_job(
             spec.jobid, plan.name, via_imp, spec.keep_failed_unit, on_drain, on_update
         )
+        job.want_accounting = spec.accounting
         path = job.path
         if path in self.jobs:
             raise RefusedError(f"job {spec.jobid}: unit {plan.name} is already running here")
@@ -631,6 +671,9 @@ class Launcher:
             job.finish_gone()
             return job
         job.pid = int(props.get("ExecMainPID", 0) or 0) or None
+        # whatever its first launcher asked, the figures are read once more at the end (one
+        # GetAll): a unit whose shell measured has them in its status
+        job.want_accounting = True
         job.state.was_active = True  # it ran before we came: "inactive" now means it ended
         job.on_props(job.path, props)
         job.publish()
