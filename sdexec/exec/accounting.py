@@ -222,10 +222,11 @@ def notify(state: str, timeout: float = 5.0) -> bool:
     address = "\0" + path[1:] if path[0] == "@" else path
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.sendto(state.encode(), address)
+            sock.connect(address)  # (socket.send_fds ignores an address)
+            sock.send(state.encode())
             r, w = os.pipe()
             try:
-                socket.send_fds(sock, [b"BARRIER=1"], [w], address=address)
+                socket.send_fds(sock, [b"BARRIER=1"], [w])
                 os.close(w)
                 w = -1
                 poller = select.poll()
