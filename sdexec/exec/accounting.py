@@ -63,6 +63,10 @@ SYSTEMD_PROPERTIES = frozenset(
     }
 )  # fmt: skip
 """What the launcher reads of a finished unit (the Service interface, one GetAll)."""
+SIGNALLED = frozenset(
+    {"StatusText", "ExecMainStartTimestampMonotonic", "ExecMainExitTimestampMonotonic"}
+)
+"""Those that systemd sends in PropertiesChanged too (the launcher keeps them as they come)."""
 _UNSET = (1 << 64) - 1  # systemd's "[not set]" for a uint64 figure
 _CGROUP_ROOT = "/sys/fs/cgroup"
 

@@ -27,6 +27,8 @@ from sdexec.config.properties import UnitProperty, collect_properties, combine_e
 from sdexec.config.table import ExecConfig
 from sdexec.errors import CommandNotExecutable, LaunchError, RefusedError, SdexecError, UsageError
 from sdexec.exec.accounting import ENV_VAR as ACCOUNTING_VAR
+from sdexec.exec.accounting import SIGNALLED as ACCOUNTING_SIGNALLED
+from sdexec.exec.accounting import STATUS_PREFIX as ACCOUNTING_STATUS
 from sdexec.exec.accounting import SYSTEMD_PROPERTIES as ACCOUNTING_PROPERTIES
 from sdexec.exec.binding import Binding, Topology, bound_properties
 from sdexec.exec.channel import DEVNULL, PIPE, Channels
@@ -68,6 +70,9 @@ COLLECT_WAITS = 50
 """Tenths of a second to wait for systemd to collect the dead unit of a dropped start."""
 START_ATTEMPTS = 3
 """Starts of one unit when systemd lost the earlier ones (re-exec, bus restart)."""
+WATCHED_PROPERTIES = us.STATE_PROPERTIES | ACCOUNTING_SIGNALLED
+"""What a job's PropertiesChanged handler keeps: its state, and the figures systemd signals
+(a unit that goes straight to inactive, the IMP's, is collected before any read)."""
 START_PROPERTIES = us.STATE_PROPERTIES | {"Job"}
 """A starting unit's state, and whether its start job is still queued (``Job`` = (0, "/"))."""
 
@@ -163,6 +168,7 @@ class Job(BaseJob):
         self.cgroup: str | None = None
         self.want_accounting = False  # read the figures at the exit, before stop or reset
         self._accounting_read: asyncio.Task[None] | None = None
+        self._reported_status = ""  # the main process's last accounting STATUS= (signals)
 
     @property
     def unit(self) -> str:
@@ -209,6 +215,11 @@ class Job(BaseJob):
     def on_props(self, _path: str, changed: dict[str, Any]) -> None:
         if changed.get("ControlGroup"):  # emptied once the unit is inactive: keep the last
             self.cgroup = str(changed["ControlGroup"])
+        status = changed.get("StatusText")
+        if isinstance(status, str) and status.startswith(ACCOUNTING_STATUS):
+            # systemd empties it when the unit dies (the IMP's goes straight to inactive):
+            # the figures are the last status that had them
+            self._reported_status = status
         for event in self.state.update(changed):
             self._on_event(event)
         if self.state.was_active:  # the "inactive" of a unit not yet started is no end
@@ -253,13 +264,19 @@ class Job(BaseJob):
     async def _read_accounting(self) -> None:
         """The finished unit's figures: systemd's, and what its main process reported as
         its status (accounting.py), in one GetAll; a failure costs the figures, not the job."""
+        # what the signals brought (the status, the timestamps): all there is of a unit
+        # systemd collected at once (the IMP's goes straight to inactive)
+        props = {k: v for k, v in self.state.props.items() if k in ACCOUNTING_SIGNALLED}
         try:
-            props = await self.launcher.manager.get_all(
-                self.path, SERVICE_IFACE, keys=ACCOUNTING_PROPERTIES
+            props.update(
+                await self.launcher.manager.get_all(
+                    self.path, SERVICE_IFACE, keys=ACCOUNTING_PROPERTIES
+                )
             )
         except (BusCallError, LaunchError) as e:
-            log.info("%s: reading the end-of-job figures: %s", self.unit, e)
-            return
+            log.debug("%s: reading the end-of-job figures: %s", self.unit, e)
+        if self._reported_status and not str(props.get("StatusText") or ""):
+            props["StatusText"] = self._reported_status
         self.accounting.update_from_unit(props)
         self.publish()
 
@@ -509,7 +526,7 @@ class Launcher:
             # Our stdio ends exist before the unit does: a job may be over (and its cleanup
             # waiting for EOF on them) before StartTransientUnit even returns.
             job.stdin, job.stdout, job.stderr = await channels.open_streams()
-            await self.manager.watch_unit(path, job.on_props, us.STATE_PROPERTIES)
+            await self.manager.watch_unit(path, job.on_props, WATCHED_PROPERTIES)
             timeout = self.config.sdexec.start_timeout
             for attempt in range(1, START_ATTEMPTS + 1):
                 generation = self.manager.generation
@@ -660,7 +677,7 @@ class Launcher:
             raise RefusedError(f"job {jobid}: unit {unit} is already tracked here")
         self.jobs[job.path] = job
         try:
-            await self.manager.watch_unit(job.path, job.on_props, us.STATE_PROPERTIES)
+            await self.manager.watch_unit(job.path, job.on_props, WATCHED_PROPERTIES)
             props = await self.manager.get_all(job.path, keys=us.STATE_PROPERTIES)
         except BaseException:
             await self.forget(job)
