@@ -24,6 +24,7 @@ from sdexec.exec.channel import Channels, EofReader
 from sdexec.exec.clock import Clock, drive
 from sdexec.exec.stoptimer import Abandon, KillUnit, StopTimer, StopTimerPolicy
 from sdexec.exec.termination import Drain, KillPolicy, SignalShell, SignalTasks, Termination
+from sdexec.systemd.unitstate import ActiveState
 
 if TYPE_CHECKING:
     from sdexec.config.table import ExecConfig
@@ -211,7 +212,7 @@ class BaseJob(ABC):
         self.stop_timer.on_unit_state(state)
         if self.stop_timer.deadline() != before:
             self._stop_wake.set()
-        if state == "deactivating":
+        if state == ActiveState.DEACTIVATING:
             self._start_driver("stop-driver", self.stop_timer, self._stop_actions, self._stop_wake)
 
     async def _term_actions(self, actions: list[Any]) -> None:

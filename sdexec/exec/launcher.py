@@ -110,7 +110,7 @@ def _start_pending(props: Mapping[str, Any]) -> bool:
 def _never_ran(props: Mapping[str, Any]) -> bool:
     """The unit has not run its program and is not failed: a start job systemd dropped."""
     return (
-        props.get("ActiveState") == "inactive"
+        props.get("ActiveState") == us.ActiveState.INACTIVE
         and not int(props.get("ExecMainPID", 0) or 0)
         and not int(props.get("ExecMainCode", 0) or 0)
     )
@@ -549,7 +549,7 @@ class Launcher:
                         ) from None
                     log.warning("%s: started, but its start job took over %gs", plan.name, timeout)
                     job.on_props(path, state)
-                    running = state.get("ActiveState") in ("active", "reloading", "deactivating")
+                    running = state.get("ActiveState") in us.RUNNING
                     result = "done" if running else "resync"
                 if result != "done" or job.state.phase is us.Phase.NEW:
                     # The signals (subscribed before the start) normally told us everything;
@@ -794,7 +794,7 @@ class Launcher:
         active = props.get("ActiveState")
         # "done" as systemd would have said; anything else makes start() check whether the
         # program ran (a quick exit can fail the start job of a Type=exec unit)
-        fut.set_result("done" if active in ("active", "reloading", "deactivating") else "resync")
+        fut.set_result("done" if active in us.RUNNING else "resync")
 
     @staticmethod
     def _check_start_failure(job: Job, result: str, props: Mapping[str, Any]) -> None:

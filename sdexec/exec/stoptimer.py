@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Literal, TypeAlias
 
 from sdexec.config.duration import format_seconds
 from sdexec.config.signals import signal_name
+from sdexec.systemd.unitstate import ENDED, ActiveState
 
 if TYPE_CHECKING:
     from sdexec.config.table import ExecConfig
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 StopTimerState: TypeAlias = Literal["idle", "armed", "signalled", "abandoned", "done"]
 
 #: unit ActiveState values meaning the unit is gone (or no longer has processes to wait for)
-_FINAL_STATES = frozenset({"inactive", "failed"})
+_FINAL_STATES = ENDED
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ class StopTimer:
             self.state = "done"
             self._deadline = None
             return
-        if active_state == "deactivating" and self.state == "idle":
+        if active_state == ActiveState.DEACTIVATING and self.state == "idle":
             now = self._clock.now()
             self.state = "armed"
             self.armed_at = now

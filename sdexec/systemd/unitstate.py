@@ -31,6 +31,23 @@ EXIT_EXEC = 203  # systemd's status for "the exec() of the main process failed"
 EXIT_CHDIR = 200
 
 
+class ActiveState(enum.StrEnum):
+    """systemd's ActiveState values (a StrEnum: equal to the strings D-Bus carries)."""
+
+    ACTIVE = "active"
+    RELOADING = "reloading"
+    INACTIVE = "inactive"
+    FAILED = "failed"
+    ACTIVATING = "activating"
+    DEACTIVATING = "deactivating"
+
+
+ENDED = frozenset({ActiveState.INACTIVE, ActiveState.FAILED})
+"""Nothing of the unit runs any more (a failed one waits for ResetFailedUnit)."""
+RUNNING = frozenset({ActiveState.ACTIVE, ActiveState.RELOADING, ActiveState.DEACTIVATING})
+"""The unit's processes run (deactivating: the main one ended, others outlive it)."""
+
+
 class Phase(enum.Enum):
     NEW = "new"
     STARTED = "started"
