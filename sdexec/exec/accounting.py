@@ -22,8 +22,10 @@ launcher reads them, with systemd's own figures where systemd has them (``Memory
 ``CPUUsageNSec``, ``IO*Bytes``: they win, being the host's), in one ``GetAll`` at the exit
 event, before it stops or resets the unit. A figure nobody could give is ``None`` (JSON
 ``null``), never 0. Through the IMP the IMP is the main process: it reports the same way if it
-can (the test IMP does); a guest's shell cannot, since a guest must never be able to send
-systemd notify messages for its unit (``STOPPING=1`` would make the stop timer drain the node).
+can (the test IMP does); a guest's shell is not heard there, since ``NotifyAccess=all`` would
+let any of a guest's processes send notify messages (``STOPPING=1``, ``MAINPID=``) for a unit
+whose main process is root's. With ``guest-credentials = "systemd"`` our shell is the main
+process and runs as the guest: its figures are the guest's own claim about its own job.
 
 The shell's part imports nothing beyond ``os`` (it runs at the end of every such job); the
 launcher's part is pure and takes the properties as a mapping.
