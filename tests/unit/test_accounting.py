@@ -204,6 +204,19 @@ def test_systemd_figures_win_and_unset_ones_are_null() -> None:
     assert report["memory_peak"] == 300 << 20 and report["sources"]["memory_peak"] == "systemd"
     assert report["wall_time"] == 2.5 and report["sources"]["wall_time"] == "systemd"
     assert report["cpu_time"] == 0.375 and report["sources"]["cpu_time"] == "rusage"
+
+
+def test_cpu_time_is_user_plus_system_when_the_shell_split_it() -> None:
+    """systemd's CPUUsageNSec (v2) counts the shell's start-up: never next to a split."""
+    a = Accounting()
+    a.update_from_unit(
+        {
+            "StatusText": acct.measure(rusage(), 0.2, proc_self_cgroup="0::/\n"),
+            "CPUUsageNSec": 2_483_172_000,
+        }
+    )
+    report = a.as_dict()
+    assert report["cpu_time"] == report["cpu_user"] + report["cpu_system"] == 0.375
     assert report["io_read_bytes"] == 4096 and report["sources"]["io_read_bytes"] == "rusage"
     assert report["tasks_peak"] is None
 
