@@ -225,8 +225,25 @@ def test_through_the_server_json_and_final_message() -> None:
     assert isinstance(final["stderr"], list) and json.loads(final["stderr"][0]) == report
 
 
-def test_through_the_server_attach_after_the_client_died(tmp_path: Path) -> None:
-    jobid = "acct-srv-attach"
+def _wait_gone(unit: str, timeout: float = 120) -> None:
+    """Until systemd no longer has the unit (the server ended the job: an event, no delay)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = subprocess.run(
+            ["systemctl", "show", "-P", "LoadState", unit], capture_output=True, text=True,
+            check=False,
+        ).stdout.strip()  # fmt: skip
+        if state == "not-found":
+            return
+        assert time.monotonic() < deadline, f"{unit} still {state}"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("ended", [False, True], ids=["running", "ended-alone"])
+def test_through_the_server_attach_after_the_client_died(tmp_path: Path, ended: bool) -> None:
+    """The server runs the job on; ``attach`` gets the figures, from the job it still runs,
+    or from the record it kept for whoever attaches (the job ended with nobody there)."""
+    jobid = f"acct-srv-attach-{int(ended)}"
     go = tmp_path / "go"
     proc = subprocess.Popen(
         [*SDEXEC, "run", "--job", jobid, "--json", "--", "python3", "-c",
@@ -237,6 +254,8 @@ def test_through_the_server_attach_after_the_client_died(tmp_path: Path) -> None
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=10)
     go.touch()
+    if ended:
+        _wait_gone(f"shell-0-{jobid}.service")
     p = _via_server("attach", "--job", jobid, "--json")
     assert p.returncode == 0, p.stderr
     _assert_allocated(_report(p.stderr)["shells"][0]["accounting"])
