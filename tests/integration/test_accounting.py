@@ -174,6 +174,47 @@ def test_library_job_stats(config: Any) -> None:
     assert plain["memory_peak"] is None and plain["cpu_time"] is None
 
 
+def test_a_unit_killed_whole_reports_null_not_zero(config: Any) -> None:
+    """SIGKILL to every process of the unit (the shell too): nobody measured. What only the
+    shell could say is null; the wall time (the launcher's own events) is still known."""
+
+    async def main() -> dict[str, Any]:
+        async with Launcher(load_config(config())) as launcher:
+            job = await launcher.start(
+                JobSpec(
+                    jobid="acct-killed",
+                    argv=["sh", "-c", "echo ready; exec sleep 600"],
+                    accounting=True,
+                )
+            )
+            assert job.stdout is not None
+            assert await job.stdout.readline() == b"ready\n"
+            job.kill()
+            assert await job.wait() == -signal.SIGKILL
+            return job.stats()["accounting"]
+
+    acct = asyncio.run(main())
+    _check_types(acct)
+    assert acct["wall_time"] is not None, acct
+    # on a host whose systemd keeps figures (v2: CPUUsageNSec) they are systemd's, never 0s
+    # made up for the shell that could not report
+    for key in ("cpu_user", "cpu_system", "tasks_peak"):
+        assert acct[key] is None, acct
+    for key in ("memory_peak", "io_read_bytes", "cpu_time"):
+        assert acct[key] is None or acct["sources"][key] == "systemd", acct
+
+
+def test_a_gated_job_with_a_checked_limit_reports(config: Any) -> None:
+    """MemoryMax is checked in the kernel before the program runs (the start gate, whose sh
+    then execs our shell): the figures are there all the same, under the limit."""
+    cfg = config('[exec.sdexec-properties]\nMemoryMax = "400M"\n')
+    p = run_sdexec("run", "--config", cfg, "--json", "--", "python3", "-c", ALLOC)
+    assert p.returncode == 0, p.stderr
+    acct = _report(p.stderr)["shells"][0]["accounting"]
+    _assert_allocated(acct)
+    assert acct["memory_peak"] <= 400 * MIB, acct
+
+
 def test_attach_json_reports_what_the_first_launcher_asked(config: Any) -> None:
     """The launcher is killed; the job ends alone; attach reads the figures its shell left
     in the unit (RemainAfterExit keeps the status, and the status keeps the figures)."""
@@ -256,9 +297,11 @@ def test_through_the_server_attach_after_the_client_died(tmp_path: Path, ended: 
     go.touch()
     if ended:
         _wait_gone(f"shell-0-{jobid}.service")
-    p = _via_server("attach", "--job", jobid, "--json")
+    p = _via_server("attach", "--job", jobid, "--json", "-v")
     assert p.returncode == 0, p.stderr
     _assert_allocated(_report(p.stderr)["shells"][0]["accounting"])
+    last = p.stderr.splitlines()[-1]  # -v: the server adds the summary line
+    assert f"shell-0-{jobid}.service: Finished with result: success;" in last, p.stderr
 
 
 def test_a_guests_job_through_the_imp(server_conf: Any) -> None:  # noqa: F811
