@@ -98,7 +98,8 @@ class JobSpec:
     memory_max: int | None = None  # bytes (a resource manager's allocation), capped by the site's
     # end-of-job figures (Job.stats()["accounting"]): CPU, memory peak, IO, tasks. On hosts
     # whose systemd cannot give them (cgroup v1, systemd < 254) our job shell measures them:
-    # one more process in the unit (~15 ms of start-up), so only when asked
+    # one more process in the unit (its Python start: 20 ms at best, ~40 ms on a loaded
+    # node, bench/accounting_cost.py), so only when asked
     accounting: bool = False
 
 
@@ -253,7 +254,10 @@ class Job(BaseJob):
             self._note_memory(event.wait_status)
             if self.want_accounting and self._accounting_read is None:
                 # before anything stops or resets the unit (on_props spawns the stop next)
-                self._accounting_read = asyncio.ensure_future(self._read_accounting())
+                task = asyncio.ensure_future(self._read_accounting())
+                self._tasks.add(task)  # as spawn() does: a failure is logged, not lost
+                task.add_done_callback(self._task_done)
+                self._accounting_read = task
             self.set_finished(event.wait_status)
         elif isinstance(event, us.Deactivating):
             log.debug("%s: deactivating", self.unit)
