@@ -164,7 +164,8 @@ def test_library_job_stats(config: Any) -> None:
             assert await job.wait() == 0
             plain = await launcher.start(JobSpec(jobid="acct-lib2", argv=["true"]))
             assert await plain.wait() == 0
-            return job.stats()["accounting"], plain.stats()["accounting"]
+            acct: dict[str, Any] = job.stats()["accounting"]
+            return acct, plain.stats()["accounting"]
 
     asked, plain = asyncio.run(main())
     _assert_allocated(asked)
@@ -191,7 +192,8 @@ def test_a_unit_killed_whole_reports_null_not_zero(config: Any) -> None:
             assert await job.stdout.readline() == b"ready\n"
             job.kill()
             assert await job.wait() == -signal.SIGKILL
-            return job.stats()["accounting"]
+            acct: dict[str, Any] = job.stats()["accounting"]
+            return acct
 
     acct = asyncio.run(main())
     _check_types(acct)
@@ -241,7 +243,7 @@ def test_attach_json_reports_what_the_first_launcher_asked(config: Any) -> None:
 
 
 def _via_server(*args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(  # type: ignore[call-overload, no-any-return]
+    return subprocess.run(
         [*SDEXEC, *args], capture_output=True, text=True, timeout=120, check=False,
         env=server_env(), **kw,
     )  # fmt: skip

@@ -59,7 +59,7 @@ def check_schema(report: dict[str, Any]) -> None:
             key,
             value,
         )
-        assert value is None or value >= 0, (key, value)
+        assert value is None or (isinstance(value, int | float) and value >= 0), (key, value)
     assert isinstance(report["sources"], dict)
     assert set(report["sources"]) <= set(FIGURES)
     for key, value in report.items():
