@@ -328,9 +328,10 @@ def run_via_server(argv: "Sequence[str]") -> int | None:
     return _reattach(socket_path("--user" in _options(argv)), accepted, "--json" in _options(argv))
 
 
-def _attach_options(argv: "Sequence[str]") -> tuple[str, bool, bool] | None:
-    """``attach --job ID [--json] [--user]``; None for anything else (in-process parses it)."""
-    jobid, json_out, user = None, False, False
+def _attach_options(argv: "Sequence[str]") -> tuple[str, bool, bool, bool] | None:
+    """``attach --job ID [--json] [-v] [--user]``; None for anything else (in-process parses
+    it)."""
+    jobid, json_out, user, verbose = None, False, False, False
     args = list(argv[1:])
     while args:
         arg = args.pop(0)
@@ -340,11 +341,13 @@ def _attach_options(argv: "Sequence[str]") -> tuple[str, bool, bool] | None:
             jobid = arg.removeprefix("--job=")
         elif arg == "--json":
             json_out = True
+        elif arg in ("-v", "--verbose"):
+            verbose = True  # the server ends with the one-line summary per shell
         elif arg == "--user":
             user = True
         else:
             return None
-    return (jobid, json_out, user) if jobid is not None else None
+    return (jobid, json_out, user, verbose) if jobid is not None else None
 
 
 def attach_via_server(argv: "Sequence[str]") -> int | None:
@@ -352,11 +355,11 @@ def attach_via_server(argv: "Sequence[str]") -> int | None:
     options = _attach_options(argv)
     if options is None:
         return None
-    jobid, json_out, user = options
+    jobid, json_out, user, verbose = options
     path = socket_path(user)
     if _connect_quiet(path) is False:
         return None
-    return _reattach(path, jobid, json_out)
+    return _reattach(path, jobid, json_out, verbose)
 
 
 def _connect_quiet(path: str) -> bool:
@@ -371,7 +374,7 @@ def _connect_quiet(path: str) -> bool:
     return True
 
 
-def _reattach(path: str, jobid: str, json_out: bool) -> int:
+def _reattach(path: str, jobid: str, json_out: bool, verbose: bool = False) -> int:
     for delay in (0.1, 0.2, 0.5, 1, 2, 5, 10):
         try:
             sock = _connect(path)
@@ -382,6 +385,8 @@ def _reattach(path: str, jobid: str, json_out: bool) -> int:
             continue
         try:
             request = {"op": "attach", "jobid": jobid, "json": json_out}
+            if verbose:
+                request["verbose"] = True
             try:
                 sock.sendall(dumps(request).encode() + b"\n")
                 for msg in _answers(sock):

@@ -64,7 +64,9 @@ def main(args: argparse.Namespace) -> int:
 
         return await start_job(cfg, req, service, stdin=0)
 
-    return asyncio.run(_supervise(start, req.jobid, req.time_limit, json_out=args.json))
+    return asyncio.run(
+        _supervise(start, req.jobid, req.time_limit, json_out=args.json, verbose=args.verbose > 0)
+    )
 
 
 def attach(args: argparse.Namespace) -> int:
@@ -76,7 +78,9 @@ def attach(args: argparse.Namespace) -> int:
     async def start() -> Handle:
         return await attach_job(cfg, args.job, user_manager=args.user)
 
-    return asyncio.run(_supervise(start, args.job, None, json_out=args.json))
+    return asyncio.run(
+        _supervise(start, args.job, None, json_out=args.json, verbose=args.verbose > 0)
+    )
 
 
 async def _relay(
@@ -136,7 +140,12 @@ async def _writable(fd: int) -> None:
 
 
 async def _supervise(
-    start: Callable[[], Awaitable[Handle]], jobid: str, time_limit: float | None, *, json_out: bool
+    start: Callable[[], Awaitable[Handle]],
+    jobid: str,
+    time_limit: float | None,
+    *,
+    json_out: bool,
+    verbose: bool = False,
 ) -> int:
     """Start (or attach to) a job, relay its output, turn signals into a cancel; its status."""
     loop = asyncio.get_running_loop()
@@ -178,7 +187,7 @@ async def _supervise(
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
-    code, lines = outcome(handle, rc, json_out=json_out)
+    code, lines = outcome(handle, rc, json_out=json_out, verbose=verbose)
     for line in lines:
         sys.stderr.write(line + "\n")
     return code

@@ -165,6 +165,10 @@ def guest_passwd(user: str) -> pwd.struct_passwd:
 ENV_PROGRAM = "/usr/bin/env"
 
 
+BUILTIN_SHELL = (sys.executable, "-m", "sdexec.exec.shell", "--")
+"""Our job shell (``sdexec-shell``), run by the launcher's own Python."""
+
+
 def guest_exec_prefix(program: str) -> tuple[str, ...]:
     """What looks a guest's program up on the guest's PATH, as the guest, and execs it.
 
@@ -173,5 +177,5 @@ def guest_exec_prefix(program: str) -> tuple[str, ...]:
     without /usr/bin/env) gets our job shell instead.
     """
     if "=" in program or not os.access(ENV_PROGRAM, os.X_OK):
-        return (sys.executable, "-m", "sdexec.exec.shell", "--")
+        return BUILTIN_SHELL
     return (ENV_PROGRAM, "--")

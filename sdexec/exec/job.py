@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from sdexec.config.signals import signal_name
 from sdexec.errors import SdexecError
+from sdexec.exec.accounting import Accounting
 from sdexec.exec.aio import first_completed
 from sdexec.exec.channel import Channels, EofReader
 from sdexec.exec.clock import Clock, drive
@@ -61,6 +62,9 @@ class BaseJob(ABC):
         self.error: str | None = None
         self.result: str | None = None
         self.memory_note: str | None = None
+        # what the shell used (accounting.py); only the wall time unless accounting was asked
+        self.accounting = Accounting()
+        self.started_at: float | None = None  # our clock, at the start and the exit events
         self.stdin: asyncio.StreamWriter | None = None
         self.stdout: EofReader | None = None
         self.stderr: EofReader | None = None
@@ -144,6 +148,8 @@ class BaseJob(ABC):
             "started": self.pid is not None,
             "running": self.running,
             "exception_in_progress": False,
+            "result": self.result,
+            "accounting": self.accounting.as_dict(),
         }
         if self.termination is not None:
             out.update(self.termination.stats(self.clock.now()))
@@ -184,8 +190,14 @@ class BaseJob(ABC):
             except Exception:
                 log.exception("job update hook failed")
 
+    def note_started(self) -> None:
+        if self.started_at is None:
+            self.started_at = self.clock.now()
+
     def set_finished(self, wait_status: int) -> None:
         self.wait_status = wait_status
+        if self.started_at is not None:
+            self.accounting.note_wall_time(self.clock.now() - self.started_at)
         self._finished.set()
         if self.termination is not None:
             self.termination.on_exit()

@@ -26,10 +26,15 @@ from sdexec.config.duration import format_seconds
 from sdexec.config.properties import UnitProperty, collect_properties, combine_errors
 from sdexec.config.table import ExecConfig
 from sdexec.errors import CommandNotExecutable, LaunchError, RefusedError, SdexecError, UsageError
+from sdexec.exec.accounting import ENV_VAR as ACCOUNTING_VAR
+from sdexec.exec.accounting import SIGNALLED as ACCOUNTING_SIGNALLED
+from sdexec.exec.accounting import STATUS_PREFIX as ACCOUNTING_STATUS
+from sdexec.exec.accounting import SYSTEMD_PROPERTIES as ACCOUNTING_PROPERTIES
 from sdexec.exec.binding import Binding, Topology, bound_properties
 from sdexec.exec.channel import DEVNULL, PIPE, Channels
 from sdexec.exec.clock import Clock, MonotonicClock
 from sdexec.exec.command import (
+    BUILTIN_SHELL,
     DEFAULT_PATH,
     IMP_CWD_VAR,
     IMP_ENV_VAR,
@@ -43,7 +48,7 @@ from sdexec.exec.command import (
 )
 from sdexec.exec.job import BaseJob, DrainHook, UpdateHook, Who
 from sdexec.systemd import unitstate as us
-from sdexec.systemd.bus import RETRY_FOR, TRANSIENT_ERRORS, BusCallError, Manager
+from sdexec.systemd.bus import RETRY_FOR, SERVICE_IFACE, TRANSIENT_ERRORS, BusCallError, Manager
 from sdexec.systemd.cgroup import cgroup_pids, kill_cgroup, unit_cgroup_dir
 from sdexec.systemd.enforce import CHECKS, base_name, check_cgroup, unenforceable
 from sdexec.systemd.gate import Gate
@@ -65,6 +70,9 @@ COLLECT_WAITS = 50
 """Tenths of a second to wait for systemd to collect the dead unit of a dropped start."""
 START_ATTEMPTS = 3
 """Starts of one unit when systemd lost the earlier ones (re-exec, bus restart)."""
+WATCHED_PROPERTIES = us.STATE_PROPERTIES | ACCOUNTING_SIGNALLED
+"""What a job's PropertiesChanged handler keeps: its state, and the figures systemd signals
+(a unit that goes straight to inactive, the IMP's, is collected before any read)."""
 START_PROPERTIES = us.STATE_PROPERTIES | {"Job"}
 """A starting unit's state, and whether its start job is still queued (``Job`` = (0, "/"))."""
 
@@ -88,6 +96,11 @@ class JobSpec:
     description: str | None = None
     binding: Binding = field(default_factory=Binding)  # cores/GPUs: bound limits (binding.py)
     memory_max: int | None = None  # bytes (a resource manager's allocation), capped by the site's
+    # end-of-job figures (Job.stats()["accounting"]): CPU, memory peak, IO, tasks. On hosts
+    # whose systemd cannot give them (cgroup v1, systemd < 254) our job shell measures them:
+    # one more process in the unit (its Python start: 20 ms at best, ~40 ms on a loaded
+    # node, bench/accounting_cost.py), so only when asked
+    accounting: bool = False
 
 
 def _start_pending(props: Mapping[str, Any]) -> bool:
@@ -154,6 +167,9 @@ class Job(BaseJob):
         self._stop_requested = False
         self._gate: Gate | None = None
         self.cgroup: str | None = None
+        self.want_accounting = False  # read the figures at the exit, before stop or reset
+        self._accounting_read: asyncio.Task[None] | None = None
+        self._reported_status = ""  # the main process's last accounting STATUS= (signals)
 
     @property
     def unit(self) -> str:
@@ -200,6 +216,11 @@ class Job(BaseJob):
     def on_props(self, _path: str, changed: dict[str, Any]) -> None:
         if changed.get("ControlGroup"):  # emptied once the unit is inactive: keep the last
             self.cgroup = str(changed["ControlGroup"])
+        status = changed.get("StatusText")
+        if isinstance(status, str) and status.startswith(ACCOUNTING_STATUS):
+            # systemd empties it when the unit dies (the IMP's goes straight to inactive):
+            # the figures are the last status that had them
+            self._reported_status = status
         for event in self.state.update(changed):
             self._on_event(event)
         if self.state.was_active:  # the "inactive" of a unit not yet started is no end
@@ -217,6 +238,7 @@ class Job(BaseJob):
             self.spawn(self._stop())
 
     async def _stop(self) -> None:
+        await self._accounted()
         if not await self.launcher.stop_unit(self.unit):
             self._stop_requested = False  # the next state re-read (resync) tries again
 
@@ -224,17 +246,48 @@ class Job(BaseJob):
         if isinstance(event, us.Started):
             self.pid = event.pid
             log.debug("%s: started, pid %d", self.unit, event.pid)
+            self.note_started()
             self.publish()
         elif isinstance(event, us.Finished):
             self.result = str(self.state.props.get("Result", "")) or None
             log.debug("%s: %s", self.unit, us.describe_status(event.wait_status))
             self._note_memory(event.wait_status)
+            if self.want_accounting and self._accounting_read is None:
+                # before anything stops or resets the unit (on_props spawns the stop next)
+                task = asyncio.ensure_future(self._read_accounting())
+                self._tasks.add(task)  # as spawn() does: a failure is logged, not lost
+                task.add_done_callback(self._task_done)
+                self._accounting_read = task
             self.set_finished(event.wait_status)
         elif isinstance(event, us.Deactivating):
             log.debug("%s: deactivating", self.unit)
         elif isinstance(event, us.Gone):
             self.result = self.result or event.result or None
             self.spawn(self._cleanup(event.failed))
+
+    async def _read_accounting(self) -> None:
+        """The finished unit's figures: systemd's, and what its main process reported as
+        its status (accounting.py), in one GetAll; a failure costs the figures, not the job."""
+        # what the signals brought (the status, the timestamps): all there is of a unit
+        # systemd collected at once (the IMP's goes straight to inactive)
+        props = {k: v for k, v in self.state.props.items() if k in ACCOUNTING_SIGNALLED}
+        try:
+            props.update(
+                await self.launcher.manager.get_all(
+                    self.path, SERVICE_IFACE, keys=ACCOUNTING_PROPERTIES
+                )
+            )
+        except (BusCallError, LaunchError) as e:
+            log.debug("%s: reading the end-of-job figures: %s", self.unit, e)
+        if self._reported_status and not str(props.get("StatusText") or ""):
+            props["StatusText"] = self._reported_status
+        self.accounting.update_from_unit(props)
+        self.publish()
+
+    async def _accounted(self) -> None:
+        """Wait for the figures' read, if one is under way: the unit must still be there."""
+        if self._accounting_read is not None:
+            await asyncio.wait([self._accounting_read])
 
     def _note_memory(self, ws: int) -> None:
         result = str(self.state.props.get("Result", ""))
@@ -261,6 +314,7 @@ class Job(BaseJob):
                 log.debug("%s: reading the status: %s", self.unit, e)
             if self.wait_status is None and self.error is None:
                 self.error = f"the unit ended without an exit status (Result={self.result})"
+        await self._accounted()
         if not await self._reap_leftovers():
             return  # abandoned: the node is drained, the unit kept for post-mortem
         if failed and not self.keep_failed_unit:
@@ -392,13 +446,18 @@ class Launcher:
                     "needs a root launcher on the system manager ([sdexec] guest-credentials)"
                 )
             pw = guest_passwd(spec.run_as)
-            argv = [*(spec.shell or guest_exec_prefix(spec.argv[0])), *spec.argv]
+            shell = spec.shell or (BUILTIN_SHELL if spec.accounting else ())
+            argv = [*(shell or guest_exec_prefix(spec.argv[0])), *spec.argv]
             argv[0] = resolve_program(argv[0], {"PATH": DEFAULT_PATH}, "/")  # ours, not theirs
             groups = [g for g in os.getgrouplist(pw.pw_name, pw.pw_gid) if g != pw.pw_gid]
             user = (pw.pw_uid, pw.pw_gid, tuple(groups))
         else:
-            argv = [*spec.shell, *spec.argv]
+            shell = spec.shell or (BUILTIN_SHELL if spec.accounting else ())
+            argv = [*shell, *spec.argv]
             argv[0] = resolve_program(argv[0], env, cwd)
+        if spec.accounting and (via_imp or tuple(argv[: len(BUILTIN_SHELL)]) == BUILTIN_SHELL):
+            # its main process measures (our shell; the IMP if it can): accounting.py
+            unit_env = {**unit_env, ACCOUNTING_VAR: "1"}
         props = bound_unit_properties(cfg, spec.binding) if spec.binding else cfg.unit_properties
         extra = tuple((p.name, p.signature, p.value) for p in props)
         if spec.memory_max is not None:
@@ -421,6 +480,7 @@ class Launcher:
             fds=fds,
             expand_env=not self._exec_start_ex,
             user=user,
+            accounting=spec.accounting,
         )
 
     def refuse_unenforceable(self, jobid: str, names: Sequence[str]) -> None:
@@ -450,6 +510,7 @@ class Launcher:
         job = self._new_job(
             spec.jobid, plan.name, via_imp, spec.keep_failed_unit, on_drain, on_update
         )
+        job.want_accounting = spec.accounting
         path = job.path
         if path in self.jobs:
             raise RefusedError(f"job {spec.jobid}: unit {plan.name} is already running here")
@@ -469,7 +530,7 @@ class Launcher:
             # Our stdio ends exist before the unit does: a job may be over (and its cleanup
             # waiting for EOF on them) before StartTransientUnit even returns.
             job.stdin, job.stdout, job.stderr = await channels.open_streams()
-            await self.manager.watch_unit(path, job.on_props, us.STATE_PROPERTIES)
+            await self.manager.watch_unit(path, job.on_props, WATCHED_PROPERTIES)
             timeout = self.config.sdexec.start_timeout
             for attempt in range(1, START_ATTEMPTS + 1):
                 generation = self.manager.generation
@@ -620,7 +681,7 @@ class Launcher:
             raise RefusedError(f"job {jobid}: unit {unit} is already tracked here")
         self.jobs[job.path] = job
         try:
-            await self.manager.watch_unit(job.path, job.on_props, us.STATE_PROPERTIES)
+            await self.manager.watch_unit(job.path, job.on_props, WATCHED_PROPERTIES)
             props = await self.manager.get_all(job.path, keys=us.STATE_PROPERTIES)
         except BaseException:
             await self.forget(job)
@@ -631,6 +692,9 @@ class Launcher:
             job.finish_gone()
             return job
         job.pid = int(props.get("ExecMainPID", 0) or 0) or None
+        # whatever its first launcher asked, the figures are read once more at the end (one
+        # GetAll): a unit whose shell measured has them in its status
+        job.want_accounting = True
         job.state.was_active = True  # it ran before we came: "inactive" now means it ended
         job.on_props(job.path, props)
         job.publish()

@@ -49,6 +49,7 @@ class RexecJob(BaseJob):
         self.proc = proc
         self.pid = proc.pid
         self.pgid = proc.pid  # start_new_session: the job leads its own group
+        self.note_started()  # its wall time; no other figure (accounting.py is for units)
 
     @classmethod
     async def start(

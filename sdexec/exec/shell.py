@@ -11,6 +11,7 @@ import errno
 import os
 import signal
 import sys
+import time
 
 # typing and logging would cost more than the rest of the shell's start-up: types are for
 # mypy only, and the shell has nothing to log that its exit status does not say
@@ -18,7 +19,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
     from types import FrameType
-    from typing import NoReturn
+    from typing import Any, NoReturn
 
 __all__ = ["FORWARDED_SIGNALS", "exit_like", "main", "run_shell", "spawn"]
 
@@ -83,6 +84,11 @@ def _forward_to(pgid: int) -> Callable[[int, FrameType | None], None]:
 
 def run_shell(argv: Sequence[str], env: Mapping[str, str]) -> int:
     """Run argv, forwarding signals to its process group; return its raw wait status."""
+    return run_command(argv, env)[0]
+
+
+def run_command(argv: Sequence[str], env: Mapping[str, str]) -> tuple[int, Any]:
+    """:func:`run_shell`, with the command's rusage (``wait4``: it and what it reaped)."""
     blocked = set(FORWARDED_SIGNALS)
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
     try:
@@ -93,9 +99,9 @@ def run_shell(argv: Sequence[str], env: Mapping[str, str]) -> int:
     finally:
         # signals that arrived meanwhile are delivered now, to handlers that know the pid
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-    # waitpid is retried after each handler runs (PEP 475)
-    _, status = os.waitpid(pid, 0)
-    return status
+    # wait4 is retried after each handler runs (PEP 475)
+    _, status, rusage = os.wait4(pid, 0)
+    return status, rusage
 
 
 def exit_like(status: int) -> NoReturn:
@@ -148,6 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = dict(os.environ)
     # the barrier is the shell's business: a nested shell in the job must not enter it again
     barrier = env.pop("SDEXEC_BARRIER", "")
+    accounting = env.pop("SDEXEC_ACCOUNTING", "") == "1"  # accounting.ENV_VAR, not imported
     try:
         if barrier:
             from sdexec.errors import SdexecError
@@ -156,10 +163,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _enter_barrier(barrier, env)
             except SdexecError as e:
                 raise ShellError(f"{PROG}: {e}", 1) from None
-        status = run_shell(args, env)
+        started = time.monotonic() if accounting else 0.0
+        status, rusage = run_command(args, env)
     except ShellError as e:
         sys.stderr.write(f"{e}\n")
         return e.exit_code
+    if accounting:
+        # the unit asked (sdexec run --json/-v): measured here, from inside its cgroup, which
+        # systemd prunes as soon as we are gone (accounting.py says why)
+        from sdexec.exec.accounting import report_from_unit
+
+        report_from_unit(rusage, time.monotonic() - started)
     exit_like(status)
 
 

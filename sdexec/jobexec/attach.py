@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from sdexec.config.table import ExecConfig
 from sdexec.errors import RefusedError
+from sdexec.exec.accounting import Accounting
 from sdexec.exec.job import BaseJob, Who
 from sdexec.jobexec.handle import Handle
 from sdexec.jobexec.records import finish_record, open_db, publisher
@@ -36,7 +37,13 @@ class RecordedJob(BaseJob):
         self.error = rec.error
         if rec.exit_status is not None:
             self.wait_status = rec.exit_status
-        self.result = "abandoned" if rec.state == "abandoned" else None
+        kept = rec.termination or {}
+        result = kept.get("result")
+        self.result = "abandoned" if rec.state == "abandoned" else (
+            result if isinstance(result, str) else None
+        )  # fmt: skip
+        # the figures its launcher read before it stopped the unit (and recorded)
+        self.accounting = Accounting.from_dict(kept.get("accounting"))
         self.finish_gone()
 
     async def signal(self, signum: int, who: Who = "all") -> None:

@@ -68,6 +68,7 @@ class Handle:
                 "result": job.result,
                 "error": job.error,
                 "memory_note": job.memory_note,
+                "accounting": job.accounting.as_dict(),
             }
             for job in self.jobs
         ]

@@ -47,6 +47,7 @@ class JobRequest:
     pmi: PmiEndpoint | None = None  # the resource manager's PMI: the barrier across nodes
     allocation_memory: int | None = None  # bytes the resource manager allocated here
     slurm_job: str | None = None  # the Slurm job this is a step's task of
+    accounting: bool = False  # end-of-job figures per shell (JobSpec.accounting: costs a shell)
 
     async def take_time_limit(self) -> None:
         """A Slurm task without --time-limit ends at its job's end time, with SIGALRM."""

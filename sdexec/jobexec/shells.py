@@ -151,6 +151,7 @@ async def _start_shells(
                 keep_failed_unit=req.keep_failed_unit,
                 memory_max=req.allocation_memory if cfg.sdexec.allocation_memory else None,
                 binding=req.binding,
+                accounting=req.accounting,
             )
             try:
                 job: BaseJob = await launcher.start(spec, on_drain=on_drain, on_update=on_update)

@@ -92,6 +92,16 @@ def _add_json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
+def _add_summary(p: argparse.ArgumentParser) -> None:
+    # also after the subcommand, so a server's client can ask (``sdexec -v run`` runs
+    # in-process); SUPPRESS keeps a count given before the subcommand
+    p.add_argument(
+        "-v", "--verbose", action="count", default=argparse.SUPPRESS,
+        help="log progress, and end with one line per shell: result, status, runtime, "
+        "CPU time, memory peak, IO bytes, tasks peak (like systemd-run --wait)",
+    )  # fmt: skip
+
+
 COMMANDS = ("run", "attach", "config", "stats", "jobs", "drain", "serve", "epilog")
 
 
@@ -182,6 +192,7 @@ def _build_run(sub: Any) -> None:
         help="print the unit properties the job would get (bound, scaled) and start nothing",
     )
     _add_json(run)
+    _add_summary(run)
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
 
 
@@ -193,6 +204,7 @@ def _build_attach(sub: Any) -> None:
         "--user", action="store_true", help="use the calling user's systemd manager"
     )
     _add_json(attach)
+    _add_summary(attach)
 
 
 def _build_config(sub: Any) -> None:

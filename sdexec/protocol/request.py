@@ -9,7 +9,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sdexec.errors import LaunchError, RefusedError, UsageError
 
@@ -128,7 +128,14 @@ def build_request(
         time_limit=time_limit,
         shells=args.shells,
         binding=resolve_binding(args, environ),
+        accounting=wants_accounting(args),
     )
+
+
+def wants_accounting(args: argparse.Namespace) -> bool:
+    """``--json`` and ``-v`` report the end-of-job figures; a job that asks neither does not
+    pay for them (on cgroup v1 they cost a job shell in the unit)."""
+    return bool(getattr(args, "json", False) or getattr(args, "verbose", 0))
 
 
 def resolve_binding(args: argparse.Namespace, environ: Mapping[str, str]) -> Binding:
@@ -137,18 +144,38 @@ def resolve_binding(args: argparse.Namespace, environ: Mapping[str, str]) -> Bin
     return resolve(args.cores, args.gpus, args.bind_from, environ)
 
 
-def outcome(handle: Handle, rc: int | None, *, json_out: bool) -> tuple[int, list[str]]:
-    """The exit code of ``sdexec run`` for a finished job, and what it says on stderr."""
+def outcome(
+    handle: Handle, rc: int | None, *, json_out: bool, verbose: bool = False
+) -> tuple[int, list[str]]:
+    """The exit code of ``sdexec run`` for a finished job, and what it says on stderr: the
+    JSON report first (``--json``), the job's own notes and errors, and with ``verbose`` one
+    line per shell at the end, systemd-run's "Finished with result ..." in one line."""
     report = handle.report()
     jobid = handle.jobid
     lines = [json.dumps(report)] if json_out else []
+    summary = [summary_line(shell) for shell in report["shells"]] if verbose else []
     if report.get("memory_note"):
         lines.append(f"sdexec: job {jobid}: {report['memory_note']}")
     if rc is None or report.get("result") == "abandoned" or handle.error:
         # processes we could not kill: the node is drained and the job failed, whatever
         # its main process's status was
         error = LaunchError(f"job {jobid}: {report.get('error') or 'no exit status'}")
-        return error.exit_code, [*lines, f"sdexec: {error}"]
+        return error.exit_code, [*lines, f"sdexec: {error}", *summary]
     if report.get("error"):
         lines.append(f"sdexec: job {jobid}: {report['error']}")
-    return rc, lines
+    return rc, [*lines, *summary]
+
+
+def summary_line(shell: Mapping[str, Any]) -> str:
+    """One shell of a report as systemd-run's closing lines say it, in one line."""
+    from sdexec.config.signals import signal_name
+    from sdexec.exec.accounting import human_line
+
+    rc = shell.get("returncode")
+    if rc is None:
+        status = "status unknown"
+    elif rc >= 0:
+        status = f"code=exited/status={rc}"
+    else:
+        status = f"code=killed/signal={signal_name(-rc)}"
+    return human_line(str(shell.get("unit")), shell.get("result"), status, shell["accounting"])

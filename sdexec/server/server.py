@@ -301,10 +301,15 @@ class Server:
             request, fds, rest = await self._receive(conn)
             peer = _peer_uid(conn)
             if request["op"] == "attach":
-                code, lines = await self._attach(request, peer)
+                code, lines, done = await self._attach(request, peer)
             else:
                 code, lines, handle = await self._run(conn, request, fds, rest, peer)
-            await loop.sock_sendall(conn, _line({"exit": code, "stderr": lines}))
+                done = handle
+            # the last message: what the client prints and exits with, and the job's report
+            # (the --json line's object, accounting included) for clients that read it;
+            # clients ignore keys they do not know
+            final = {"exit": code, "stderr": lines, "report": done.report()}
+            await loop.sock_sendall(conn, _line(final))
         except SdexecError as e:
             await _send_quietly(conn, {"exit": e.exit_code, "stderr": [f"sdexec: {e}"]})
         except (ValueError, KeyError, TypeError, RecursionError) as e:
@@ -392,7 +397,9 @@ class Server:
             raise UsageError(f"expected the client's stdin, stdout and stderr, got {len(fds)} fds")
         return request, list(fds), rest
 
-    async def _attach(self, request: dict[str, Any], peer: int) -> tuple[int, list[str]]:
+    async def _attach(
+        self, request: dict[str, Any], peer: int
+    ) -> tuple[int, list[str], Handle]:
         """A client asks for a job's end: its own run's after losing the server, or any job
         of its owner (``sdexec attach``). Ownership is checked before anything is touched."""
         jobid = request.get("jobid")
@@ -400,6 +407,7 @@ class Server:
             raise UsageError("bad request: attach needs a job id (a string)")
         check_jobid(jobid)
         json_out = request.get("json") is True
+        verbose = request.get("verbose") is True
         db = self._state()
         check_attach(db.list_jobs(jobid=jobid), jobid, peer)
         running = self.running.get(jobid)
@@ -411,7 +419,8 @@ class Server:
         for r in db.list_jobs(jobid=jobid):  # the status goes to this attacher, once
             if r.state == "finished":
                 db_remove(db, r.jobid, r.rank)
-        return outcome(handle, rc, json_out=json_out)
+        code, lines = outcome(handle, rc, json_out=json_out, verbose=verbose)
+        return code, lines, handle
 
     def _parse(self, argv: Any) -> Any:
         if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
@@ -492,7 +501,8 @@ class Server:
             listener.cancel()
             if timer is not None:
                 timer.cancel()
-        code, lines = outcome(handle, rc, json_out=args.json is True)
+        verbose = bool(getattr(args, "verbose", 0))
+        code, lines = outcome(handle, rc, json_out=args.json is True, verbose=verbose)
         return code, lines, handle
 
     async def _listen(self, conn: socket.socket, handle: Handle, pending: bytes) -> None:

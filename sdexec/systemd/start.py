@@ -41,6 +41,9 @@ class UnitPlan:
     fds: tuple[int, int, int] | None = None  # stdin, stdout, stderr (indices into unix_fds)
     expand_env: bool = False  # True only for the ExecStart fallback (old systemd)
     user: tuple[int, int, tuple[int, ...]] | None = None  # uid, gid, supplementary gids
+    # the main process reports end-of-job figures as STATUS= (sdexec/exec/accounting.py):
+    # only the main process is heard, and the host's IO accounting is switched on
+    accounting: bool = False
 
 
 def escape_dollars(arg: str) -> str:
@@ -72,6 +75,13 @@ def properties(plan: UnitPlan) -> list[tuple[str, tuple[str, Any]]]:
     ]
     if plan.slice:
         props.append(("Slice", ("s", plan.slice)))
+    if plan.accounting:
+        configured = {name for name, _sig, _value in plan.extra}
+        if plan.type != "notify":  # a notify unit (the IMP's) hears its main process already
+            props.append(("NotifyAccess", ("s", "main")))
+        for name in ("IOAccounting", "TasksAccounting", "MemoryAccounting"):
+            if name not in configured:
+                props.append((name, ("b", True)))
     if plan.user is not None:
         uid, gid, groups = plan.user
         props += [

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from types import FrameType
 
 from sdexec.errors import SdexecError
+from sdexec.exec.accounting import report_from_unit
 from sdexec.exec.command import IMP_CWD_VAR, IMP_ENV_VAR, IMP_USER_VAR, decode_environment
 from sdexec.exec.shell import exit_like
 from sdexec.systemd.cgroup import CGROUP_ROOT, cgroup_pids, is_unified, kill_cgroup
@@ -265,7 +266,11 @@ def run(shell: str, argv: Sequence[str], pw: pwd.struct_passwd) -> int:
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     _notify(f"READY=1\nMAINPID={os.getpid()}")
-    _, status = os.waitpid(pid, 0)
+    started = time.monotonic()
+    _, status, rusage = os.wait4(pid, 0)
+    # as the unit's main process (root), what the guest's shell used: the launcher asked for
+    # it (SDEXEC_ACCOUNTING=1), and only the main process is heard (accounting.py)
+    report_from_unit(rusage, time.monotonic() - started)
     _notify("STOPPING=1")
     if cgroup is not None:
         me = os.getpid()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -49,3 +50,13 @@ def test_jobexec(name: str) -> None:
     assert sorted(lines[:2]) == ["rank 0 of 2", "rank 1 of 2"], lines
     assert lines[2] == "exit 0 service sdexec"
     assert lines[3].startswith("refused:") and "service-override" in lines[3]
+
+
+def test_accounting() -> None:
+    p = run_example("accounting.py")
+    assert p.returncode == 0, p.stderr
+    peak, cpu, report = p.stdout.splitlines()
+    words = peak.split()
+    assert words[:3] == ["memory", "peak", "MiB"] and int(words[3]) >= 200, peak
+    assert words[4] == "from" and words[5] in ("cgroup", "systemd", "rusage"), peak
+    assert cpu.startswith("cpu seconds ") and json.loads(report)["cpu_time"] > 0, cpu
