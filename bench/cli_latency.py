@@ -159,7 +159,7 @@ def profile_run(py: str, cfg: str, jobid: str, tmp: str, top: int) -> dict[str, 
     out_file = os.path.join(tmp, "run.prof")
     code = (
         "import cProfile, sys\n"
-        "from sdexec.cli import main\n"
+        "from sdexec.cli.main import main\n"
         f"sys.argv = ['sdexec', 'run', '--config', {cfg!r}, '--job', {jobid!r},"
         " '--', '/bin/true']\n"
         f"cProfile.run('rc = main()', {out_file!r})\n"
@@ -267,7 +267,7 @@ def main(args: argparse.Namespace) -> int:
 
         probes = {
             "python -c pass": [py, "-c", "pass"],
-            "python -c 'import sdexec.cli'": [py, "-c", "import sdexec.cli"],
+            "python -c 'import sdexec.cli.main'": [py, "-c", "import sdexec.cli.main"],
             "sdexec --help": [*sdexec, "--help"],
         }
         startup: dict[str, list[float]] = {k: [] for k in probes}
@@ -284,7 +284,7 @@ def main(args: argparse.Namespace) -> int:
                     "-X",
                     "importtime",
                     "-c",
-                    "import sys; from sdexec.cli import main; sys.exit(main())",
+                    "import sys; from sdexec.cli.main import main; sys.exit(main())",
                     "run",
                     "--config",
                     cfg,

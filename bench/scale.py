@@ -128,9 +128,9 @@ async def begin_end(args: argparse.Namespace, t_end: float) -> float:
 
 
 async def lib_worker(args: argparse.Namespace, prefix: str, out: dict[str, Any]) -> None:
-    from sdexec.channel import DEVNULL, PIPE
-    from sdexec.config import ExecConfig, load_config
-    from sdexec.launcher import Job, JobSpec, Launcher
+    from sdexec.config.table import ExecConfig, load_config
+    from sdexec.exec.channel import DEVNULL, PIPE
+    from sdexec.exec.launcher import Job, JobSpec, Launcher
 
     cfg = load_config(args.config) if args.config else ExecConfig()
     out_spec = PIPE if args.stdio == "pipe" else DEVNULL

@@ -58,12 +58,12 @@ from bench.common import (
     rnd,
     workers,
 )
-from sdexec.bus import MANAGER_IFACE, MANAGER_PATH, Manager
-from sdexec.channel import DEVNULL
-from sdexec.config import ExecConfig, load_config
-from sdexec.job import BaseJob
-from sdexec.launcher import Job, JobSpec, Launcher
-from sdexec.unitname import unit_name
+from sdexec.config.table import ExecConfig, load_config
+from sdexec.exec.channel import DEVNULL
+from sdexec.exec.job import BaseJob
+from sdexec.exec.launcher import Job, JobSpec, Launcher
+from sdexec.systemd.bus import MANAGER_IFACE, MANAGER_PATH, Manager
+from sdexec.systemd.unitname import unit_name
 
 SOAK_PATTERNS = ("shell-*-bench-soak-*.service", "imp-shell-*-bench-soak-*.service")
 PHASES = ("warmup", "ramp", "soak", "drain", "teardown")

@@ -38,9 +38,9 @@ from bench.common import (
     run_prefix,
     workers,
 )
-from sdexec.channel import DEVNULL, PIPE
-from sdexec.config import ExecConfig, load_config
-from sdexec.launcher import JobSpec, Launcher
+from sdexec.config.table import ExecConfig, load_config
+from sdexec.exec.channel import DEVNULL, PIPE
+from sdexec.exec.launcher import JobSpec, Launcher
 
 GOAL = 0.95
 

@@ -13,21 +13,21 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     # configuration
-    "ExecConfig": "sdexec.config",
-    "load_config": "sdexec.config",
-    "parse_config": "sdexec.config",
+    "ExecConfig": "sdexec.config.table",
+    "load_config": "sdexec.config.table",
+    "parse_config": "sdexec.config.table",
     # one job as one unit: asyncio's Process, for systemd
-    "Launcher": "sdexec.launcher",
-    "Job": "sdexec.launcher",
-    "JobSpec": "sdexec.launcher",
-    "PIPE": "sdexec.channel",
-    "DEVNULL": "sdexec.channel",
+    "Launcher": "sdexec.exec.launcher",
+    "Job": "sdexec.exec.launcher",
+    "JobSpec": "sdexec.exec.launcher",
+    "PIPE": "sdexec.exec.channel",
+    "DEVNULL": "sdexec.exec.channel",
     # the job-exec service: policy, services, records, barrier, drain
-    "JobRequest": "sdexec.jobexec",
-    "Handle": "sdexec.jobexec",
-    "select_service": "sdexec.jobexec",
-    "start_job": "sdexec.jobexec",
-    "attach_job": "sdexec.jobexec",
+    "JobRequest": "sdexec.jobexec.policy",
+    "Handle": "sdexec.jobexec.handle",
+    "select_service": "sdexec.jobexec.policy",
+    "start_job": "sdexec.jobexec.shells",
+    "attach_job": "sdexec.jobexec.attach",
     # errors: each carries the exit code the CLI uses
     "SdexecError": "sdexec.errors",
     "UsageError": "sdexec.errors",
@@ -65,9 +65,8 @@ __all__ = [
 if TYPE_CHECKING:
     from typing import Any
 
-    from .channel import DEVNULL, PIPE
-    from .config import ExecConfig, load_config, parse_config
-    from .errors import (
+    from sdexec.config.table import ExecConfig, load_config, parse_config
+    from sdexec.errors import (
         CommandNotExecutable,
         CommandNotFound,
         ConfigError,
@@ -76,8 +75,12 @@ if TYPE_CHECKING:
         SdexecError,
         UsageError,
     )
-    from .jobexec import Handle, JobRequest, attach_job, select_service, start_job
-    from .launcher import Job, JobSpec, Launcher
+    from sdexec.exec.channel import DEVNULL, PIPE
+    from sdexec.exec.launcher import Job, JobSpec, Launcher
+    from sdexec.jobexec.attach import attach_job
+    from sdexec.jobexec.handle import Handle
+    from sdexec.jobexec.policy import JobRequest, select_service
+    from sdexec.jobexec.shells import start_job
 
 
 def __getattr__(name: str) -> Any:

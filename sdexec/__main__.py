@@ -1,3 +1,3 @@
-from .client import entry
+from sdexec.cli.client import entry
 
 entry()

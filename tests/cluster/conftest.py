@@ -159,7 +159,7 @@ def hold_shells(host: str) -> None:
         host,
         f"rm -f {HOLD} && mkfifo {HOLD} && cat > {HELD_SHELL} <<'EOF'\n"
         "#!/bin/sh\n# test job-shell: held until the test writes to the fifo\n"
-        f'read _ < {HOLD}\nexec /opt/sdexec/bin/python -m sdexec.shell "$@"\nEOF\n'
+        f'read _ < {HOLD}\nexec /opt/sdexec/bin/python -m sdexec.exec.shell "$@"\nEOF\n'
         f"chmod 755 {HELD_SHELL}",
     )
 

@@ -28,10 +28,10 @@ import time
 from collections.abc import Sequence
 from types import FrameType
 
-from sdexec.cgroup import CGROUP_ROOT, cgroup_pids, is_unified, kill_cgroup
 from sdexec.errors import SdexecError
-from sdexec.shell import exit_like
-from sdexec.start import IMP_CWD_VAR, IMP_ENV_VAR, IMP_USER_VAR, decode_environment
+from sdexec.exec.command import IMP_CWD_VAR, IMP_ENV_VAR, IMP_USER_VAR, decode_environment
+from sdexec.exec.shell import exit_like
+from sdexec.systemd.cgroup import CGROUP_ROOT, cgroup_pids, is_unified, kill_cgroup
 
 __all__ = [
     "ImpError",

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from sdexec.config import ExecConfig
-from sdexec.job import BaseJob
-from sdexec.launcher import Job, JobSpec, Launcher
-from sdexec.unitname import unit_name
+from sdexec.config.table import ExecConfig
+from sdexec.exec.job import BaseJob
+from sdexec.exec.launcher import Job, JobSpec, Launcher
+from sdexec.systemd.unitname import unit_name
 
 from .conftest import sdexec_units
 

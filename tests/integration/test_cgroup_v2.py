@@ -17,8 +17,8 @@ from collections.abc import Callable
 
 import pytest
 
-from sdexec.cgroup import is_unified
-from sdexec.enforce import controller_hierarchy, parse_cpus
+from sdexec.systemd.cgroup import is_unified
+from sdexec.systemd.enforce import controller_hierarchy, parse_cpus
 
 from .conftest import run_sdexec, sdexec_units
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from sdexec.config import ExecConfig, load_config
-from sdexec.launcher import PIPE, JobSpec, Launcher
+from sdexec.config.table import ExecConfig, load_config
+from sdexec.exec.launcher import PIPE, JobSpec, Launcher
 
 from .conftest import SDEXEC
 from .faults_helpers import (

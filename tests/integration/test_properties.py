@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import pytest
 
-from sdexec.cgroup import is_unified
+from sdexec.systemd.cgroup import is_unified
 
 from .conftest import run_sdexec
 

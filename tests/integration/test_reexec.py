@@ -10,9 +10,9 @@ import pytest
 from dbus_fast import BusType, Message, MessageFlag
 from dbus_fast.aio import MessageBus
 
-from sdexec.bus import MANAGER_IFACE, MANAGER_PATH, SYSTEMD
-from sdexec.config import ExecConfig
-from sdexec.launcher import JobSpec, Launcher
+from sdexec.config.table import ExecConfig
+from sdexec.exec.launcher import JobSpec, Launcher
+from sdexec.systemd.bus import MANAGER_IFACE, MANAGER_PATH, SYSTEMD
 
 from .conftest import SDEXEC, wait_unit
 

@@ -571,7 +571,7 @@ def test_guest_barrier_failure_does_not_drain_the_node(
     lazy = public_dir / "lazy-shell"
     lazy.write_text(
         '#!/bin/sh\nif [ "$SDEXEC_RANK" = 1 ]; then exec sleep 60; fi\n'
-        'exec /opt/sdexec/bin/python -m sdexec.shell "$@"\n'
+        'exec /opt/sdexec/bin/python -m sdexec.exec.shell "$@"\n'
     )
     lazy.chmod(0o755)
     server_conf(

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from sdexec.cgroup import is_unified
+from sdexec.systemd.cgroup import is_unified
 
 from .conftest import SDEXEC
 from .faults_helpers import JobCase, staggered, systemctl

@@ -1,5 +1,6 @@
-"""Connection admission (sdexec/admission.py) and the server's low-level receive and accept
-path (sdexec/server.py) with real sockets: caps, the request timeout, MSG_CTRUNC at EMFILE."""
+"""Connection admission (sdexec/server/admission.py) and the server's low-level receive and
+accept path (sdexec/server/server.py) with real sockets: caps, the request timeout, MSG_CTRUNC
+at EMFILE."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from sdexec.admission import Admission, Limits, raise_fd_limit
-from sdexec.config import ExecConfig, SiteConfig
+from sdexec.config.table import ExecConfig, SiteConfig
 from sdexec.errors import LaunchError, UsageError
-from sdexec.server import Server, _recv_with_fds
+from sdexec.server.admission import Admission, Limits, raise_fd_limit
+from sdexec.server.server import Server, _recv_with_fds
 
 ROOT, ME, MALLORY, EVE = 0, 1000, 1500, 1501
 

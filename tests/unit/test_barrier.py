@@ -14,7 +14,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sdexec.barrier import (
+from sdexec.errors import LaunchError, SdexecError
+from sdexec.exec.barrier import (
     BarrierError,
     BarrierTimeout,
     LocalBarrierServer,
@@ -22,8 +23,7 @@ from sdexec.barrier import (
     enter_barrier_sync,
     format_ranks,
 )
-from sdexec.clock import FakeClock
-from sdexec.errors import LaunchError, SdexecError
+from sdexec.exec.clock import FakeClock
 
 
 @pytest.fixture

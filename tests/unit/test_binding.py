@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from sdexec.binding import (
+from sdexec.config.table import load_config
+from sdexec.errors import ConfigError, UsageError
+from sdexec.exec.binding import (
     Binding,
     Topology,
     bound_properties,
@@ -15,8 +17,6 @@ from sdexec.binding import (
     parse_list,
     resolve,
 )
-from sdexec.config import load_config
-from sdexec.errors import ConfigError, UsageError
 
 
 def _sysfs(tmp_path: Path, threads: int = 2) -> str:

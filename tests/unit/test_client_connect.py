@@ -1,4 +1,4 @@
-"""The client's connect (sdexec/client.py): in-process only when there is no server; a full
+"""The client's connect (sdexec/cli/client.py): in-process only when there is no server; a full
 listen queue is waited out, then 125 "busy" (real unix sockets, no server needed)."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from sdexec import client
-from sdexec.client import ServerUnreachable, _connect
+from sdexec.cli import client
+from sdexec.cli.client import ServerUnreachable, _connect
 
 
 def test_no_socket_means_no_server(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Tests for sdexec.clock: the fake clock and the generic timer driver."""
+"""Tests for sdexec.exec.clock: the fake clock and the generic timer driver."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from sdexec import clock as clock_mod
-from sdexec.clock import Clock, FakeClock, MonotonicClock, drive
+from sdexec.exec import clock as clock_mod
+from sdexec.exec.clock import Clock, FakeClock, MonotonicClock, drive
 
 
 class Script:

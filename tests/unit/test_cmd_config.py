@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sdexec.cli import main
-from sdexec.cmd_config import dump_toml
-from sdexec.config import ExecConfig, load_config, parse_config
+from sdexec.cli.cmd_config import dump_toml
+from sdexec.cli.main import main
+from sdexec.config.table import ExecConfig, load_config, parse_config
 
 DATA = Path(__file__).parent / "data"
 

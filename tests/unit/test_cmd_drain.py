@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from sdexec.cli import main
+from sdexec.cli.main import main
 from sdexec.errors import RefusedError
-from sdexec.statedb import JobRecord, StateDB
+from sdexec.exec.statedb import JobRecord, StateDB
 
 
 def _config(tmp_path: Path, drain_command: list[str] | None = None) -> str:
@@ -107,7 +107,7 @@ def test_clear_resets_abandoned_units_best_effort(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    import sdexec.jobexec
+    import sdexec.jobexec.sweep
 
     calls: list[bool] = []
 
@@ -118,7 +118,7 @@ def test_clear_resets_abandoned_units_best_effort(
         db.remove_job("f1")
         return ["shell-0-f1.service"]
 
-    monkeypatch.setattr(sdexec.jobexec, "sweep_abandoned", fake_sweep)
+    monkeypatch.setattr(sdexec.jobexec.sweep, "sweep_abandoned", fake_sweep)
     cfg = _config(tmp_path)
     with StateDB.open(str(tmp_path / "state")) as db:
         for jobid, manager in (("f1", "system"), ("f2", "user")):
@@ -142,11 +142,11 @@ def test_clear_resets_abandoned_units_best_effort(
 def test_clear_without_abandoned_jobs_touches_no_bus(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import sdexec.jobexec
+    import sdexec.jobexec.sweep
 
     async def no_sweep(*args: object, **kw: object) -> list[str]:
         raise AssertionError("sweep must not run without abandoned jobs")
 
-    monkeypatch.setattr(sdexec.jobexec, "sweep_abandoned", no_sweep)
+    monkeypatch.setattr(sdexec.jobexec.sweep, "sweep_abandoned", no_sweep)
     assert main(["drain", "clear", "-c", _config(tmp_path)]) == 0
     assert capsys.readouterr().out == "node was not drained\n"

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from sdexec.cli import main
-from sdexec.cmd_stats import describe_status, job_stats
-from sdexec.statedb import JobRecord, StateDB
+from sdexec.cli.cmd_stats import describe_status, job_stats
+from sdexec.cli.main import main
+from sdexec.exec.statedb import JobRecord, StateDB
 
 
 def _config(tmp_path: Path, extra: str = "") -> str:

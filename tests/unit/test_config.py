@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sdexec import config as config_mod
-from sdexec.config import (
+from sdexec.config import table as config_mod
+from sdexec.config.properties import UnitProperty
+from sdexec.config.table import (
     ExecConfig,
     SiteConfig,
     TestexecConfig,
@@ -20,7 +21,6 @@ from sdexec.config import (
     parse_config,
 )
 from sdexec.errors import ConfigError
-from sdexec.properties import UnitProperty
 
 DATA = Path(__file__).parent / "data"
 

@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Any, cast
 import psutil
 import pytest
 
-from sdexec.drain import drain_node, expand_drain_command
 from sdexec.errors import LaunchError, RefusedError
-from sdexec.statedb import DrainRecord, StateDB
+from sdexec.exec.drain import drain_node, expand_drain_command
+from sdexec.exec.statedb import DrainRecord, StateDB
 
 if TYPE_CHECKING:
-    from sdexec.config import ExecConfig
+    from sdexec.config.table import ExecConfig
 
 
 def _cfg(drain_command: tuple[str, ...] = ()) -> ExecConfig:

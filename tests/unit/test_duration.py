@@ -6,7 +6,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from sdexec.duration import DurationError, format_fsd, parse_fsd
+from sdexec.config.duration import DurationError, format_fsd, parse_fsd
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sdexec.enforce import (
+from sdexec.config.properties import cpuset_bitmap
+from sdexec.systemd.enforce import (
     bitmap_cpus,
     check_cgroup,
     controller_hierarchy,
@@ -18,8 +19,7 @@ from sdexec.enforce import (
     parse_cpus,
     unenforceable,
 )
-from sdexec.gate import Gate
-from sdexec.properties import cpuset_bitmap
+from sdexec.systemd.gate import Gate
 
 UNIT = "/sdexec.slice/shell-0-1.service"
 PAGE = 4096

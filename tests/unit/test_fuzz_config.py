@@ -20,18 +20,18 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from sdexec import cli
-from sdexec.config import EXEC_KEYS, SDEXEC_KEYS, ExecConfig, load_config, parse_config
-from sdexec.errors import ConfigError, SdexecError
-from sdexec.properties import (
+from sdexec.cli import main as cli
+from sdexec.config.properties import (
     MEMORY_PROPERTIES,
     PROTECTED_PROPERTIES,
     SUPPORTED_PROPERTIES,
     collect_properties,
     is_protected,
 )
-from sdexec.show import dotted
-from sdexec.start import INFINITY_USEC, stop_timeout_usec
+from sdexec.config.show import dotted
+from sdexec.config.table import EXEC_KEYS, SDEXEC_KEYS, ExecConfig, load_config, parse_config
+from sdexec.errors import ConfigError, SdexecError
+from sdexec.systemd.start import INFINITY_USEC, stop_timeout_usec
 
 FUZZ = settings(max_examples=60, deadline=None)
 FILE = "exec.toml"

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from sdexec.config import ExecConfig
+from sdexec.config.table import ExecConfig
 from sdexec.errors import (
     CommandNotExecutable,
     CommandNotFound,
@@ -25,9 +25,10 @@ from sdexec.errors import (
     SdexecError,
     UsageError,
 )
-from sdexec.jobexec import SERVICE_ATTR, JobRequest, select_service
-from sdexec.start import UnitPlan, check_environment, properties, resolve_program
-from sdexec.unitname import JOBID_MAX, UNIT_NAME_MAX, object_path, unit_name
+from sdexec.exec.command import check_environment, resolve_program
+from sdexec.jobexec.policy import SERVICE_ATTR, JobRequest, select_service
+from sdexec.systemd.start import UnitPlan, properties
+from sdexec.systemd.unitname import JOBID_MAX, UNIT_NAME_MAX, object_path, unit_name
 
 FUZZ = settings(max_examples=100, deadline=None)
 
@@ -59,7 +60,7 @@ def one_printable_line(message: str) -> None:
 @example(["=x"], "--setattr")
 @example(["a=b=c", "a=d"], "--env")
 def test_parse_assignments(items: list[str], option: str) -> None:
-    from sdexec.cmd_run import parse_assignments
+    from sdexec.protocol.request import parse_assignments
 
     bad = [item for item in items if "=" not in item or item.startswith("=")]
     try:

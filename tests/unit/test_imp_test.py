@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from sdexec.start import encode_environment
+from sdexec.exec.command import encode_environment
 from tests.imp.sdexec_test_imp import (
     ImpError,
     cgroup_dir,

@@ -6,9 +6,10 @@ import os
 
 import pytest
 
-from sdexec.config import parse_config
+from sdexec.config.table import parse_config
 from sdexec.errors import RefusedError, UsageError
-from sdexec.jobexec import Handle, JobRequest, select_service
+from sdexec.jobexec.handle import Handle
+from sdexec.jobexec.policy import JobRequest, select_service
 
 
 def req(**kw: object) -> JobRequest:

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 from dbus_fast import Message
 
-from sdexec.channel import Channels
 from sdexec.errors import UsageError
-from sdexec.launcher import Launcher
-from sdexec.start import UnitPlan
+from sdexec.exec.channel import Channels
+from sdexec.exec.launcher import Launcher
+from sdexec.systemd.start import UnitPlan
 
 
 class MarshallingManager:

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sdexec.memory import (
+from sdexec.config.memory import (
     INFINITY,
     MemoryBytes,
     MemoryPercent,

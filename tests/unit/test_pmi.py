@@ -11,9 +11,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from sdexec.barrier import BarrierError, UnixBarrierClient
-from sdexec.clock import MonotonicClock
-from sdexec.pmi import (
+from sdexec.exec.barrier import BarrierError, UnixBarrierClient
+from sdexec.exec.clock import MonotonicClock
+from sdexec.exec.pmi import (
     ClusterBarrierServer,
     PmiEndpoint,
     PmiError,

@@ -4,8 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sdexec.errors import ConfigError
-from sdexec.properties import (
+from sdexec.config.properties import (
     SUPPORTED_PROPERTIES,
     UnitProperty,
     collect_properties,
@@ -14,6 +13,7 @@ from sdexec.properties import (
     dbus_problem,
     is_protected,
 )
+from sdexec.errors import ConfigError
 
 
 def one(name: str, value: str, allow_raw: tuple[str, ...] = ()) -> UnitProperty:
@@ -158,7 +158,7 @@ def test_order_preserved() -> None:
 
 
 def test_tasks_max() -> None:
-    from sdexec.properties import convert_one
+    from sdexec.config.properties import convert_one
 
     assert convert_one("TasksMax", "4096").value == 4096
     assert convert_one("TasksMax", "infinity").value == 2**64 - 1
@@ -242,7 +242,7 @@ def test_dbus_problem_names_what_dbus_refuses() -> None:
 
 def test_unmarshallable_value_refused_at_config_load(monkeypatch: pytest.MonkeyPatch) -> None:
     """A converter that produced a value D-Bus cannot carry is a config error, not a crash."""
-    from sdexec import properties
+    from sdexec.config import properties
 
     monkeypatch.setattr(
         properties, "_device_allow", lambda value: (("/dev/null", "rw"),)

@@ -14,8 +14,8 @@ import signal
 import subprocess
 import threading
 
-from sdexec.channel import DEVNULL, PIPE, Channels
-from sdexec.cmd_run import _relay
+from sdexec.cli.cmd_run import _relay
+from sdexec.exec.channel import DEVNULL, PIPE, Channels
 
 
 def _slow_drain(fd: int, out: bytearray) -> threading.Thread:

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from sdexec.barrier import LocalBarrierServer
-from sdexec.clock import FakeClock
+from sdexec.exec.barrier import LocalBarrierServer
+from sdexec.exec.clock import FakeClock
 
 ROOT = Path(__file__).resolve().parents[2]
-SHELL = [sys.executable, "-m", "sdexec.shell"]
+SHELL = [sys.executable, "-m", "sdexec.exec.shell"]
 
 
 def _env(**extra: str) -> dict[str, str]:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sdexec.signals import parse_signal, signal_name
+from sdexec.config.signals import parse_signal, signal_name
 
 
 @pytest.mark.parametrize(

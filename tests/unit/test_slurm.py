@@ -6,11 +6,9 @@ import time
 
 import pytest
 
-from sdexec.cli import build_parser
-from sdexec.cmd_run import build_request
+from sdexec.config.memory import UINT32_MAX, cap_memory_max
 from sdexec.errors import UsageError
-from sdexec.memory import UINT32_MAX, cap_memory_max
-from sdexec.slurm import (
+from sdexec.jobexec.slurm import (
     END_MARGIN_SEC,
     allocation_memory,
     belongs_to,
@@ -19,6 +17,8 @@ from sdexec.slurm import (
     step_from_environment,
     time_limit_from_end,
 )
+from sdexec.protocol.args import build_parser
+from sdexec.protocol.request import build_request
 
 STEP = {
     "SLURM_JOB_ID": "42", "SLURM_STEP_ID": "0", "SLURM_PROCID": "1", "SLURM_NTASKS": "2",

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from sdexec.errors import CommandNotExecutable, CommandNotFound
-from sdexec.start import (
+from sdexec.exec.command import resolve_program
+from sdexec.systemd.start import (
     INFINITY_USEC,
     UnitPlan,
     properties,
-    resolve_program,
     stop_timeout_usec,
     verify_applied,
 )

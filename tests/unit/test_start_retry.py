@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from sdexec.bus import BusCallError
-from sdexec.channel import DEVNULL
-from sdexec.config import ExecConfig, SiteConfig
+from sdexec.config.table import ExecConfig, SiteConfig
 from sdexec.errors import LaunchError
-from sdexec.launcher import Job, JobSpec, Launcher
+from sdexec.exec.channel import DEVNULL
+from sdexec.exec.launcher import Job, JobSpec, Launcher
+from sdexec.systemd.bus import BusCallError
 
 NO_REPLY = BusCallError("StartTransientUnit", "org.freedesktop.DBus.Error.NoReply", "gone")
 RUNNING = {"LoadState": "loaded", "ActiveState": "active", "SubState": "running",

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from sdexec.errors import LaunchError, RefusedError
-from sdexec.statedb import (
+from sdexec.exec.statedb import (
     DB_NAME,
     SCHEMA_VERSION,
     JobRecord,
@@ -310,7 +310,7 @@ _OPS = 50
 _WORKER = """
 import json, os, sys, time
 from sdexec.errors import RefusedError
-from sdexec.statedb import JobRecord, StateDB
+from sdexec.exec.statedb import JobRecord, StateDB
 
 state_dir, n, ops = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 

@@ -1,4 +1,4 @@
-"""Tests for sdexec.stoptimer: every transition of the sdexec stop timer."""
+"""Tests for sdexec.exec.stoptimer: every transition of the sdexec stop timer."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any, cast
 
 import pytest
 
-from sdexec.clock import FakeClock, drive
-from sdexec.stoptimer import Abandon, KillUnit, StopAction, StopTimer, StopTimerPolicy
+from sdexec.exec.clock import FakeClock, drive
+from sdexec.exec.stoptimer import Abandon, KillUnit, StopAction, StopTimer, StopTimerPolicy
 
 SIGUSR1 = int(signal.SIGUSR1)
 SIGKILL = int(signal.SIGKILL)

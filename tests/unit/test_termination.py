@@ -1,4 +1,4 @@
-"""Tests for sdexec.termination: the kill escalation of a cancelled or timed-out job."""
+"""Tests for sdexec.exec.termination: the kill escalation of a cancelled or timed-out job."""
 
 from __future__ import annotations
 
@@ -12,16 +12,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sdexec import termination as termination_mod
-from sdexec.clock import FakeClock, drive
-from sdexec.termination import (
+from sdexec.config.duration import format_seconds
+from sdexec.exec import termination as termination_mod
+from sdexec.exec.clock import FakeClock, drive
+from sdexec.exec.termination import (
     Drain,
     KillPolicy,
     SignalShell,
     SignalTasks,
     TermAction,
     Termination,
-    format_seconds,
     policy_stats,
 )
 

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sdexec.clock import FakeClock
 from sdexec.errors import LaunchError, RefusedError, UsageError
-from sdexec.testexec import TestexecError, TestexecSpec, allowed, run_testexec
+from sdexec.exec.clock import FakeClock
+from sdexec.exec.testexec import TestexecError, TestexecSpec, allowed, run_testexec
 
 P = "system.exec.test"
 
@@ -213,7 +213,7 @@ async def test_mock_run_exception_after_start() -> None:
 
 async def test_simulated_job_publishes_its_start() -> None:
     """on_start reaches the job: its record says started before the run ends (issue 10)."""
-    from sdexec.jobexec import SimulatedJob
+    from sdexec.exec.simulated import SimulatedJob
 
     clock = FakeClock(auto_advance=False)
     seen: list[tuple[bool, bool]] = []

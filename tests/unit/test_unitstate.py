@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sdexec import unitstate as us
+from sdexec.systemd import unitstate as us
 
 
 def events(updates: list[dict[str, object]]) -> list[us.Event]:
