@@ -98,12 +98,24 @@ def run_shell(argv: Sequence[str], env: Mapping[str, str]) -> int:
     return status
 
 
+def _save_coverage() -> None:
+    """Under coverage (tests/run measures the job shells), write its data now: a fatal signal
+    runs no atexit handler (os._exit is coverage's own ``patch = _exit``). Otherwise nothing:
+    coverage is looked up, never imported."""
+    coverage = sys.modules.get("coverage")
+    current = coverage.Coverage.current() if coverage is not None else None
+    if current is not None:
+        current.stop()
+        current.save()
+
+
 def exit_like(status: int) -> NoReturn:
     """Exit as a child with wait status ``status`` did: same exit code, or same fatal signal."""
     sys.stdout.flush()
     sys.stderr.flush()
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
+        _save_coverage()  # while the forwarding handlers still hold off a late signal
         try:
             import resource
 

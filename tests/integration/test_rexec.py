@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from sdexec.channel import DEVNULL
-from sdexec.config import ExecConfig, parse_config
+from sdexec.config.table import ExecConfig, parse_config
 from sdexec.errors import CommandNotExecutable
-from sdexec.rexec import RexecJob
+from sdexec.exec.channel import DEVNULL
+from sdexec.exec.rexec import RexecJob
 
 WAIT = 60.0  # a bound for events that take milliseconds: only a broken rexec reaches it
 

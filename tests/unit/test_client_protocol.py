@@ -1,4 +1,4 @@
-"""The client's side of the server protocol (sdexec/client.py), against a scripted server.
+"""The client's side of the server protocol (sdexec/cli/client.py), against a scripted server.
 
 The real server is exercised by the node's integration tests; what they cannot provoke at
 will is here: answers that are not JSON objects, a server that hangs up before or after it
@@ -10,6 +10,7 @@ thread of this test that plays a script, one function a connection.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -24,7 +25,8 @@ from typing import Any
 
 import pytest
 
-from sdexec import client
+from sdexec.cli import client
+from sdexec.protocol import endpoint
 
 TIMEOUT = 60.0  # what a broken client would hit; a working one takes milliseconds
 
@@ -290,12 +292,12 @@ def test_no_server_variable_keeps_everything_in_process(monkeypatch: pytest.Monk
 def test_socket_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SDEXEC_SOCKET", raising=False)
     monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/4242")
-    assert client.socket_path(False) == client.SYSTEM_SOCKET
-    assert client.socket_path(True) == "/run/user/4242/sdexec/sdexec.sock"
+    assert endpoint.socket_path(False) == endpoint.SYSTEM_SOCKET
+    assert endpoint.socket_path(True) == "/run/user/4242/sdexec/sdexec.sock"
     monkeypatch.delenv("XDG_RUNTIME_DIR")
-    assert client.socket_path(True) == f"/run/user/{os.getuid()}/sdexec/sdexec.sock"
+    assert endpoint.socket_path(True) == f"/run/user/{os.getuid()}/sdexec/sdexec.sock"
     monkeypatch.setenv("SDEXEC_SOCKET", "/tmp/elsewhere.sock")
-    assert client.socket_path(True) == client.socket_path(False) == "/tmp/elsewhere.sock"
+    assert endpoint.socket_path(True) == endpoint.socket_path(False) == "/tmp/elsewhere.sock"
 
 
 # --- PMI_FD ----------------------------------------------------------------------------------
@@ -345,3 +347,34 @@ def test_a_pmi_socket_goes_to_the_server_with_the_request(sock_path: Path) -> No
     assert p.returncode == 0, p.stderr
     ((req, nfds),) = got
     assert req["pmi_fd"] is True and nfds == 4  # stdin, stdout, stderr and the PMI socket
+
+
+def test_a_request_that_could_not_be_sent_did_not_run(
+    sock_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A server killed between our connect and our request (a full node's restart): the
+    message says nothing ran, as a resource manager must know to run the job again."""
+
+    def hang_up(c: Conn) -> None:
+        pass
+
+    def broken_pipe(*_args: object) -> int:
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    server = ScriptedServer(sock_path, [hang_up])
+    monkeypatch.setenv("SDEXEC_SOCKET", str(sock_path))
+    # the one way to lose that race every time: the client's send fails as the kernel's would
+    monkeypatch.setattr(socket, "send_fds", broken_pipe)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        code = client.run_via_server(["run", "--", "true"])
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    server.join()
+    assert code == 125
+    err = capsys.readouterr().err
+    assert err == (
+        "sdexec: could not hand the job to the sdexec server ([Errno 32] Broken pipe); "
+        "the job did not run\n"
+    )

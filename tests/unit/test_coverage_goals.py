@@ -112,7 +112,11 @@ def test_a_real_poorly_covered_run_fails_the_goals(tmp_path: Path) -> None:
     data.mkdir()
     env = {"COVERAGE_PROCESS_START": str(ROOT / "pyproject.toml"), "COVERAGE_FILE": f"{data}/t"}
     subprocess.run(
-        [sys.executable, "-c", "import sdexec.client"], cwd=ROOT, env=env, check=True, timeout=60
+        [sys.executable, "-c", "import sdexec.cli.client"],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        timeout=60,
     )
     assert list(data.iterdir()), "the measured Python wrote no data"
     p = _goals("--data", str(data), "--json")
