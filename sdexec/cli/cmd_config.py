@@ -9,22 +9,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 from collections.abc import Mapping
 from typing import Any
 
-from sdexec.config.show import toml_string
+from sdexec.config.show import toml_key, toml_string
 from sdexec.config.table import ExecConfig, load_config
 from sdexec.systemd.enforce import unenforceable
 
 __all__ = ["check", "dump_toml"]
-
-_BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
-
-
-def _key(k: str) -> str:
-    return k if _BARE_KEY_RE.fullmatch(k) else toml_string(k)
 
 
 def _value(v: Any) -> str:
@@ -43,18 +36,18 @@ def _value(v: Any) -> str:
     if isinstance(v, list | tuple):
         return "[" + ", ".join(_value(x) for x in v) + "]"
     if isinstance(v, Mapping):
-        return "{" + ", ".join(f"{_key(k)} = {_value(x)}" for k, x in v.items()) + "}"
+        return "{" + ", ".join(f"{toml_key(k)} = {_value(x)}" for k, x in v.items()) + "}"
     raise TypeError(f"cannot write {type(v).__name__} as TOML")
 
 
 def _table(lines: list[str], path: list[str], table: Mapping[str, Any]) -> None:
-    lines.append("[" + ".".join(_key(p) for p in path) + "]")
+    lines.append("[" + ".".join(toml_key(p) for p in path) + "]")
     subtables = []
     for k, v in table.items():
         if isinstance(v, Mapping) and v:
             subtables.append((k, v))
         else:
-            lines.append(f"{_key(k)} = {_value(v)}")
+            lines.append(f"{toml_key(k)} = {_value(v)}")
     for k, v in subtables:
         lines.append("")
         _table(lines, [*path, k], v)

@@ -71,6 +71,7 @@ async def end_job_units(
     from sdexec.jobexec.slurm import belongs_to, job_of_unit
     from sdexec.systemd.list import list_units
     from sdexec.systemd.unitname import unit_name
+    from sdexec.systemd.unitstate import ENDED
 
     # a job id is carried into unit names escaped: compare escaped forms
     escaped = unit_name(slurm_job).removeprefix("shell-0-").removesuffix(".service")
@@ -93,7 +94,7 @@ async def end_job_units(
             parsed = job_of_unit(name)
             if parsed is not None and belongs_to(parsed[1], escaped):
                 units[name] = parsed[1]
-                if entry.active_state not in ("inactive", "failed"):
+                if entry.active_state not in ENDED:
                     active.add(name)
         by_unit = {r.unit: r for r in records if r.service == "sdexec"}
         for unit, known in by_unit.items():
@@ -181,6 +182,7 @@ async def _kill_unloaded(launcher: Any, cfg: Any, unit: str, report: dict[str, A
     from sdexec.systemd.bus import BusCallError
     from sdexec.systemd.stop import kill_unit, reset_failed
     from sdexec.systemd.unitname import object_path
+    from sdexec.systemd.unitstate import ENDED
 
     path = object_path(unit)
     for signum in (cfg.term_signal, cfg.kill_signal):
@@ -191,7 +193,7 @@ async def _kill_unloaded(launcher: Any, cfg: Any, unit: str, report: dict[str, A
         deadline = time.monotonic() + cfg.kill_timeout
         while time.monotonic() < deadline:
             props = await launcher.manager.get_some(path, ["ActiveState"])
-            if props.get("ActiveState") in ("inactive", "failed"):
+            if props.get("ActiveState") in ENDED:
                 report["ended"].append(unit)
                 await reset_failed(launcher.manager, unit, retry=False)
                 return

@@ -146,15 +146,10 @@ def main(args: argparse.Namespace) -> int:
 
 
 def describe_status(rec: JobRecord) -> str:
-    """A wait status as a person reads it."""
-    st = rec.exit_status
-    if st is None:
-        return "-"
-    if os.WIFEXITED(st):
-        return f"exit {os.WEXITSTATUS(st)}"
-    if os.WIFSIGNALED(st):
-        return f"signal {os.WTERMSIG(st)}"
-    return f"status {st}"
+    """A record's wait status as a person reads it in a table."""
+    from sdexec.systemd.unitstate import describe_status as describe
+
+    return "-" if rec.exit_status is None else describe(rec.exit_status, short=True)
 
 
 def _orphans(known: set[str]) -> list[str]:

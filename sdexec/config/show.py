@@ -58,6 +58,11 @@ def show_value(value: object) -> str:
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
+def toml_key(key: str) -> str:
+    """One key as TOML writes it: bare when it may be, else quoted and escaped."""
+    return key if _BARE_KEY.fullmatch(key) else toml_string(key)
+
+
 def dotted(path: Sequence[str]) -> str:
     """A key path as TOML writes it: bare keys as they are, others quoted and escaped."""
-    return ".".join(k if _BARE_KEY.fullmatch(k) else toml_string(k) for k in path)
+    return ".".join(toml_key(k) for k in path)

@@ -14,15 +14,19 @@ import os
 import signal as _signal
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from sdexec.config.signals import signal_name
 from sdexec.errors import SdexecError
 from sdexec.exec.aio import first_completed
 from sdexec.exec.channel import Channels, EofReader
 from sdexec.exec.clock import Clock, drive
-from sdexec.exec.stoptimer import Abandon, KillUnit, StopTimer
-from sdexec.exec.termination import Drain, SignalShell, SignalTasks, Termination
+from sdexec.exec.stoptimer import Abandon, KillUnit, StopTimer, StopTimerPolicy
+from sdexec.exec.termination import Drain, KillPolicy, SignalShell, SignalTasks, Termination
+from sdexec.systemd.unitstate import ActiveState
+
+if TYPE_CHECKING:
+    from sdexec.config.table import ExecConfig
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +151,14 @@ class BaseJob(ABC):
 
     # --- for subclasses ---------------------------------------------------------------------
 
+    def apply_kill_policy(self, cfg: ExecConfig, *, via_imp: bool) -> None:
+        """The termination sequence and the stop timer from the ``[exec]`` table, both on this
+        job's clock: every implementation (sdexec, rexec) kills the same way."""
+        self.termination = Termination(
+            KillPolicy.from_config(cfg, via_imp=via_imp), self.jobid, self.clock
+        )
+        self.stop_timer = StopTimer(StopTimerPolicy.from_config(cfg, via_imp=via_imp), self.clock)
+
     def spawn(self, coro: Awaitable[Any], name: str | None = None) -> None:
         task = asyncio.ensure_future(coro)
         if name:
@@ -188,7 +200,7 @@ class BaseJob(ABC):
         self.stop_timer.on_unit_state(state)
         if self.stop_timer.deadline() != before:
             self._stop_wake.set()
-        if state == "deactivating":
+        if state == ActiveState.DEACTIVATING:
             self._start_driver("stop-driver", self.stop_timer, self._stop_actions, self._stop_wake)
 
     async def _term_actions(self, actions: list[Any]) -> None:

@@ -42,8 +42,6 @@ from sdexec.exec.command import (
     resolve_program,
 )
 from sdexec.exec.job import BaseJob, DrainHook, UpdateHook, Who
-from sdexec.exec.stoptimer import StopTimer, StopTimerPolicy
-from sdexec.exec.termination import KillPolicy, Termination
 from sdexec.systemd import unitstate as us
 from sdexec.systemd.bus import RETRY_FOR, TRANSIENT_ERRORS, BusCallError, Manager
 from sdexec.systemd.cgroup import cgroup_pids, kill_cgroup, unit_cgroup_dir
@@ -100,7 +98,7 @@ def _start_pending(props: Mapping[str, Any]) -> bool:
 def _never_ran(props: Mapping[str, Any]) -> bool:
     """The unit has not run its program and is not failed: a start job systemd dropped."""
     return (
-        props.get("ActiveState") == "inactive"
+        props.get("ActiveState") == us.ActiveState.INACTIVE
         and not int(props.get("ExecMainPID", 0) or 0)
         and not int(props.get("ExecMainCode", 0) or 0)
     )
@@ -181,6 +179,11 @@ class Job(BaseJob):
                 return
             log.error("%s: could not signal processes: %s", self.unit, e)
             self.error = self.error or f"could not signal the job's processes: {e.text}"
+        except LaunchError as e:
+            # no bus in bounded time (bus.call's deadline): the sequence goes on to its next
+            # step, and in the end to the drain, rather than stalling on a dead bus
+            log.error("%s: could not signal processes: %s", self.unit, e)
+            self.error = self.error or f"could not signal the job's processes: {e}"
 
     def stop_signal_target(self) -> Who:
         # Through the IMP the main process proxies SIGUSR1 to the whole unit.
@@ -489,7 +492,7 @@ class Launcher:
                         ) from None
                     log.warning("%s: started, but its start job took over %gs", plan.name, timeout)
                     job.on_props(path, state)
-                    running = state.get("ActiveState") in ("active", "reloading", "deactivating")
+                    running = state.get("ActiveState") in us.RUNNING
                     result = "done" if running else "resync"
                 if result != "done" or job.state.phase is us.Phase.NEW:
                     # The signals (subscribed before the start) normally told us everything;
@@ -591,12 +594,7 @@ class Launcher:
             on_drain=on_drain,
             on_update=on_update,
         )
-        job.termination = Termination(
-            KillPolicy.from_config(self.config, via_imp=via_imp), jobid, self.clock
-        )
-        job.stop_timer = StopTimer(
-            StopTimerPolicy.from_config(self.config, via_imp=via_imp), self.clock
-        )
+        job.apply_kill_policy(self.config, via_imp=via_imp)
         return job
 
     async def adopt(
@@ -736,7 +734,7 @@ class Launcher:
         active = props.get("ActiveState")
         # "done" as systemd would have said; anything else makes start() check whether the
         # program ran (a quick exit can fail the start job of a Type=exec unit)
-        fut.set_result("done" if active in ("active", "reloading", "deactivating") else "resync")
+        fut.set_result("done" if active in us.RUNNING else "resync")
 
     @staticmethod
     def _check_start_failure(job: Job, result: str, props: Mapping[str, Any]) -> None:

@@ -22,8 +22,7 @@ from sdexec.exec.channel import PIPE, Channels
 from sdexec.exec.clock import Clock, MonotonicClock
 from sdexec.exec.command import check_command, check_environment, resolve_program
 from sdexec.exec.job import BaseJob, DrainHook, UpdateHook, Who
-from sdexec.exec.stoptimer import StopTimer, StopTimerPolicy
-from sdexec.exec.termination import KillPolicy, Termination
+from sdexec.systemd.unitstate import ActiveState
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +109,7 @@ class RexecJob(BaseJob):
             channels.close()
             proc.kill()
             raise
-        job.termination = Termination(KillPolicy.from_config(cfg, via_imp=False), jobid, job.clock)
-        job.stop_timer = StopTimer(StopTimerPolicy.from_config(cfg, via_imp=False), job.clock)
+        job.apply_kill_policy(cfg, via_imp=False)
         job.spawn(job._watch(), name="rexec-watch")
         job.publish()
         return job
@@ -138,11 +136,11 @@ class RexecJob(BaseJob):
         if _group_alive(self.pgid):
             # leftovers: what systemd's stop does to a unit, then the stop timer
             await self.signal(signal.SIGTERM, "all")
-            self.on_lingering("deactivating")
+            self.on_lingering(ActiveState.DEACTIVATING)
             # no event tells when a process group empties: poll
             while _group_alive(self.pgid) and self.running:  # noqa: ASYNC110
                 await asyncio.sleep(GROUP_POLL)
         if self.running:
-            self.on_lingering("inactive")
+            self.on_lingering(ActiveState.INACTIVE)
             await self.drain_stdio()
             self.finish_gone()

@@ -1,11 +1,13 @@
 """The sdexec stop timer: what happens to a unit stuck in ``deactivating``.
 
-A guest unit runs with ``KillMode=process`` and ``SendSIGKILL=no`` (systemd, running as the
-instance owner, may not signal guest processes), so when the job shell exits, leftover user
-processes keep the unit in ``deactivating`` for ever. This timer bounds that: after
-``sdexec-stop-timer-sec`` it sends ``sdexec-stop-timer-signal`` to the unit's main process
-(SIGUSR1 by default: the IMP turns it into SIGKILL of the whole cgroup), and after the same time
-again it gives up on the unit, so the job's kill escalation can end in draining the node.
+A guest's unit (through the IMP) runs with ``KillMode=process`` and no systemd stop timeout
+(systemd, running as the instance owner, must not signal a guest's processes: only the IMP
+may), so when the job shell exits, leftover user processes keep the unit in ``deactivating``
+for ever; any other unit's leftovers can outlast systemd's SIGTERM the same way. This timer
+bounds that: after ``sdexec-stop-timer-sec`` it sends ``sdexec-stop-timer-signal`` through
+``KillUnit`` (to the IMP, the main process, for a guest: SIGUSR1 by default, which it turns
+into SIGKILL of the whole cgroup; to every process of the unit otherwise), and after the same
+time again it gives up on the unit, so the job's kill escalation can end in draining the node.
 
 Timeline for the defaults (30 s, SIGUSR1), unit deactivating at t=0:
 ``t=0`` armed; ``t=30`` KillUnit(SIGUSR1); ``t=60`` Abandon.
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING, Literal, TypeAlias
 
 from sdexec.config.duration import format_seconds
 from sdexec.config.signals import signal_name
+from sdexec.systemd.unitstate import ENDED, ActiveState
 
 if TYPE_CHECKING:
     from sdexec.config.table import ExecConfig
@@ -39,12 +42,13 @@ log = logging.getLogger(__name__)
 StopTimerState: TypeAlias = Literal["idle", "armed", "signalled", "abandoned", "done"]
 
 #: unit ActiveState values meaning the unit is gone (or no longer has processes to wait for)
-_FINAL_STATES = frozenset({"inactive", "failed"})
+_FINAL_STATES = ENDED
 
 
 @dataclass(frozen=True)
 class KillUnit:
-    """Send ``signal`` to the unit's main process (``KillUnit(name, "main", signal)``)."""
+    """Send ``signal`` with ``KillUnit``: to the main process for a guest (the IMP), to the
+    whole unit otherwise (the job's ``stop_signal_target``)."""
 
     signal: int
 
@@ -120,7 +124,7 @@ class StopTimer:
             self.state = "done"
             self._deadline = None
             return
-        if active_state == "deactivating" and self.state == "idle":
+        if active_state == ActiveState.DEACTIVATING and self.state == "idle":
             now = self._clock.now()
             self.state = "armed"
             self.armed_at = now

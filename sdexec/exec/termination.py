@@ -38,9 +38,9 @@ from typing import TYPE_CHECKING, Literal, TypeAlias
 
 from sdexec.config.duration import format_seconds
 from sdexec.config.signals import signal_name
+from sdexec.config.table import ExecConfig
 
 if TYPE_CHECKING:
-    from sdexec.config.table import ExecConfig
     from sdexec.exec.clock import Clock
 
 __all__ = [
@@ -85,19 +85,23 @@ class Drain:
 TermAction: TypeAlias = SignalTasks | SignalShell | Drain
 
 
+_DEFAULTS = ExecConfig()
+
+
 @dataclass(frozen=True)
 class KillPolicy:
     """The effective ``[exec]`` kill settings for one job (seconds and signal numbers)."""
 
-    term_signal: int = 15
-    kill_signal: int = 9
-    kill_timeout: float = 5.0
-    kill_shell_delay: float = 25.0
-    max_term_count: int = 2
-    max_kill_count: int = 8
-    max_kill_timeout: float | None = None
-    shell_kill_signal: int = 9
-    backoff_cap: float = 300.0
+    # the defaults are [exec]'s own (one definition: sdexec.config.table.ExecConfig)
+    term_signal: int = _DEFAULTS.term_signal
+    kill_signal: int = _DEFAULTS.kill_signal
+    kill_timeout: float = _DEFAULTS.kill_timeout
+    kill_shell_delay: float = _DEFAULTS.effective_kill_shell_delay
+    max_term_count: int = _DEFAULTS.max_term_count
+    max_kill_count: int = _DEFAULTS.max_kill_count
+    max_kill_timeout: float | None = _DEFAULTS.max_kill_timeout
+    shell_kill_signal: int = _DEFAULTS.kill_signal
+    backoff_cap: float = 300.0  # ours: the longest wait between two kill-signal sends
 
     def __post_init__(self) -> None:
         # Config validation reports user errors; these guard the state machine itself (a zero

@@ -28,6 +28,7 @@ async def sweep_abandoned(cfg: ExecConfig, db: StateDB, *, user_manager: bool = 
     from sdexec.systemd.bus import Manager
     from sdexec.systemd.stop import reset_failed
     from sdexec.systemd.unitname import object_path
+    from sdexec.systemd.unitstate import ENDED, ActiveState
 
     cleaned = []
     manager = Manager(user=user_manager)
@@ -36,10 +37,12 @@ async def sweep_abandoned(cfg: ExecConfig, db: StateDB, *, user_manager: bool = 
         for rec in recs:
             props = await manager.get_all(object_path(rec.unit))
             state = props.get("ActiveState")
-            if props.get("LoadState") == "loaded" and state not in ("failed", "inactive"):
+            if props.get("LoadState") == "loaded" and state not in ENDED:
                 log.info("%s (abandoned job %s) is still %s", rec.unit, rec.jobid, state)
                 continue
-            if state == "failed" and not await reset_failed(manager, rec.unit, retry=False):
+            if state == ActiveState.FAILED and not await reset_failed(
+                manager, rec.unit, retry=False
+            ):
                 continue
             db.remove_job(rec.jobid, rec.rank)
             cleaned.append(rec.unit)

@@ -37,6 +37,7 @@ DBUS = "org.freedesktop.DBus"
 MAX_IN_FLIGHT = 64
 RETRY_FOR = 60.0
 CONNECT_TIMEOUT = 5.0
+CALL_TIMEOUT = 90.0  # longer than dbus-daemon's own 25 s reply timeout: ours is the backstop
 """Bound on one connection attempt (connect, Hello, matches, Subscribe): then a new one."""
 TRANSIENT_ERRORS = frozenset(
     {
@@ -267,12 +268,24 @@ class Manager:
         ``retry``: the call is idempotent (StopUnit, KillUnit, GetAll...), so when systemd or
         the bus goes away under it (daemon-reexec answers NoReply; a bus restart drops the
         connection) it is sent again once they are back, for up to RETRY_FOR seconds.
+
+        Every wait is bounded, retried or not: the reconnection by RETRY_FOR, the reply by
+        CALL_TIMEOUT. A termination sequence, a stop timer or a drain that calls systemd gets
+        a LaunchError in bounded time and goes on (to the next step, the drain), rather than
+        stalling on a bus that is not coming back.
         """
-        deadline = asyncio.get_running_loop().time() + RETRY_FOR
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RETRY_FOR
         delay = 0.05
         while True:
             if not self._connected.is_set():
-                await self._connected.wait()
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        await self._connected.wait()
+                except TimeoutError:
+                    raise LaunchError(
+                        f"{member}: not connected to systemd (no connection within {RETRY_FOR:g}s)"
+                    ) from None
             bus = self._bus
             if bus is None:
                 raise LaunchError("not connected to systemd")
@@ -314,7 +327,10 @@ class Manager:
                 # caller waits for the reconnect (or retries)
                 raise LaunchError(f"{member}: the bus connection is closed")
             try:
-                reply = await bus.call(msg)
+                async with asyncio.timeout(CALL_TIMEOUT):
+                    reply = await bus.call(msg)
+            except TimeoutError:
+                raise LaunchError(f"{member}: no reply from systemd in {CALL_TIMEOUT:g}s") from None
             except (OSError, EOFError) as e:
                 raise LaunchError(f"{member}: the bus connection failed: {e}") from e
         if reply is None:

@@ -31,6 +31,23 @@ EXIT_EXEC = 203  # systemd's status for "the exec() of the main process failed"
 EXIT_CHDIR = 200
 
 
+class ActiveState(enum.StrEnum):
+    """systemd's ActiveState values (a StrEnum: equal to the strings D-Bus carries)."""
+
+    ACTIVE = "active"
+    RELOADING = "reloading"
+    INACTIVE = "inactive"
+    FAILED = "failed"
+    ACTIVATING = "activating"
+    DEACTIVATING = "deactivating"
+
+
+ENDED = frozenset({ActiveState.INACTIVE, ActiveState.FAILED})
+"""Nothing of the unit runs any more (a failed one waits for ResetFailedUnit)."""
+RUNNING = frozenset({ActiveState.ACTIVE, ActiveState.RELOADING, ActiveState.DEACTIVATING})
+"""The unit's processes run (deactivating: the main one ended, others outlive it)."""
+
+
 class Phase(enum.Enum):
     NEW = "new"
     STARTED = "started"
@@ -82,8 +99,15 @@ def wait_status(code: int, status: int) -> int:
     raise ValueError(f"ExecMainCode {code} is not an exit")
 
 
-def describe_status(ws: int) -> str:
-    """Human wording of a wait status, for logs and --json."""
+def describe_status(ws: int, *, short: bool = False) -> str:
+    """Human wording of a wait status, for logs and --json (``short``: a table's cell, like
+    ``exit 3`` or ``signal 9``)."""
+    if short:
+        if os.WIFEXITED(ws):
+            return f"exit {os.WEXITSTATUS(ws)}"
+        if os.WIFSIGNALED(ws):
+            return f"signal {os.WTERMSIG(ws)}"
+        return f"status {ws}"
     rc = os.waitstatus_to_exitcode(ws)
     if rc >= 0:
         return f"exited with status {rc}"

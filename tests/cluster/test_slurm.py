@@ -320,7 +320,8 @@ print(json.dumps(answer))
 
 
 def _as_alice(request: dict[str, object], nfds: int = 3) -> dict[str, object]:
-    full = {"op": "run", "env": {"PATH": "/usr/bin:/bin", "HOME": "/home/alice"}, "cwd": "/tmp"}
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/home/alice"}
+    full: dict[str, object] = {"op": "run", "env": env, "cwd": "/tmp"}
     full.update(request)
     p = on(
         "node1",

@@ -62,7 +62,7 @@ def main() -> None:
             budget -= 1
         for key, _ in sel.select(timeout=0.01 if owed else None):
             if key.fileobj is sys.stdin:
-                done = not os.read(sys.stdin.fileno(), 1)
+                done = not os.read(key.fd, 1)
                 continue
             s = key.fileobj
             assert isinstance(s, socket.socket)

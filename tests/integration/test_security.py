@@ -34,6 +34,12 @@ GUEST_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/home/guest", "LAN
 ServerConf = Callable[[str], None]
 
 
+
+def _lines(value: object) -> list[str]:
+    """The stderr lines of a reply, typed (a reply is JSON: anything until checked)."""
+    assert isinstance(value, list) and all(isinstance(x, str) for x in value), value
+    return value
+
 def _server_pid() -> int:
     return main_pid("sdexec.service")
 
@@ -419,7 +425,7 @@ def test_help_abbreviations_do_not_stop_the_server() -> None:
     ):
         answer = reply(raw(run_request(argv)))
         assert answer["exit"] == 2, answer
-        (line,) = answer["stderr"]  # type: ignore[misc]
+        (line,) = _lines(answer["stderr"])
         assert "--help" in line or "--config" in line, line
     assert_server_alive(pid)
     assert as_root("run", "--", "true").returncode == 0

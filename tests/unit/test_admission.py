@@ -23,6 +23,12 @@ from sdexec.server.server import Server, _recv_with_fds
 ROOT, ME, MALLORY, EVE = 0, 1000, 1500, 1501
 
 
+
+def _lines(value: object) -> list[str]:
+    """The stderr lines of a reply, typed (a reply is JSON: anything until checked)."""
+    assert isinstance(value, list) and all(isinstance(x, str) for x in value), value
+    return value
+
 def test_per_user_cap_applies_to_others_only() -> None:
     a = Admission(Limits(total=10, per_user=2), exempt=frozenset({ROOT, ME}))
     assert [a.admit(MALLORY), a.admit(MALLORY)] == [None, None]
@@ -120,6 +126,7 @@ def server(tmp_path: Path) -> Iterator[Server]:
     )  # fmt: skip
     srv = Server(cfg)
     yield srv
+    assert srv.db is not None
     srv.db.close()
 
 
@@ -141,7 +148,7 @@ async def test_a_request_that_never_comes_is_answered_125(server: Server) -> Non
         await server.handle(ours)  # closes ours
         reply = await _reply(theirs)
     assert reply["exit"] == 125
-    (line,) = reply["stderr"]  # type: ignore[misc]
+    (line,) = _lines(reply["stderr"])
     assert "no complete request within 0.2s ([sdexec] request-timeout)" in line
 
 

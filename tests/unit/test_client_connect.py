@@ -30,7 +30,7 @@ def _full_listener(path: str) -> tuple[socket.socket, list[socket.socket]]:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(0)
-    queued = []
+    queued: list[socket.socket] = []
     while True:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.setblocking(False)

@@ -340,7 +340,12 @@ def test_properties_converted_or_refused(table: dict[str, Any], allow: list[str]
         if is_protected(name) or (name not in SUPPORTED_PROPERTIES and name not in allow):
             assert dotted((*TABLE.split("."), name)) in refused, name
     assert len(props) + len(errors) == len(table)
-    by_name = {p.name.removesuffix("Scale") if p.signature == "u" else p.name: p for p in props}
+    # the config's name of each converted property (systemd's D-Bus name may differ)
+    dbus_names = {"RuntimeMaxUSec": "RuntimeMaxSec"}
+    by_name = {
+        p.name.removesuffix("Scale") if p.signature == "u" else dbus_names.get(p.name, p.name): p
+        for p in props
+    }
     for name, p in by_name.items():
         assert dotted((*TABLE.split("."), name)) not in refused
         assert not is_protected(p.name)

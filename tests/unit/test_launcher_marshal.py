@@ -28,7 +28,7 @@ class MarshallingManager:
     async def job_call(self, member: str, signature: str, body: Sequence[Any], **kw: Any) -> str:
         msg = Message(path="/org/freedesktop/systemd1", member=member, signature=signature,
                       body=list(body))  # fmt: skip
-        self.sent.append(msg._marshall(False))
+        self.sent.append(bytes(msg._marshall(False)))
         return "/org/freedesktop/systemd1/job/1"
 
 

@@ -193,14 +193,21 @@ def _start_transient_unit(props: list[UnitProperty]) -> bytes:
     """The bytes of the StartTransientUnit call the launcher sends, with these properties."""
     from dbus_fast import Message, Variant
 
-    return Message(
-        destination="org.freedesktop.systemd1",
-        path="/org/freedesktop/systemd1",
-        interface="org.freedesktop.systemd1.Manager",
-        member="StartTransientUnit",
-        signature="ssa(sv)a(sa(sv))",
-        body=["x.service", "fail", [[p.name, Variant(p.signature, p.value)] for p in props], []],
-    )._marshall(False)
+    return bytes(
+        Message(
+            destination="org.freedesktop.systemd1",
+            path="/org/freedesktop/systemd1",
+            interface="org.freedesktop.systemd1.Manager",
+            member="StartTransientUnit",
+            signature="ssa(sv)a(sa(sv))",
+            body=[
+                "x.service",
+                "fail",
+                [[p.name, Variant(p.signature, p.value)] for p in props],
+                [],
+            ],
+        )._marshall(False)
+    )
 
 
 def test_marshal_cases_cover_every_converted_property() -> None:
@@ -220,7 +227,7 @@ def test_every_converted_property_marshals(
 
     prop = one(name, text)
     assert (prop.name, prop.signature) == (sent, sig)
-    msg = Unmarshaller(io.BytesIO(_start_transient_unit([prop]))).unmarshall()
+    msg = Unmarshaller(io.BytesIO(_start_transient_unit([prop]))).unmarshall()  # type: ignore[arg-type]
     assert msg is not None
     ((got_name, variant),) = msg.body[2]
     assert (got_name, variant.signature, variant.value) == (sent, sig, decoded)

@@ -495,3 +495,42 @@ def test_v1_database_is_migrated_with_ranks_from_unit_names(tmp_path: Path) -> N
         ("9", 0, "imp-shell-0-9.service"),
         ("t", 2, "rexec-2-t"),
     ]
+
+
+def test_writes_never_run_a_checkpoint_and_the_thread_does(tmp_path: Path) -> None:
+    """A commit only appends to the WAL; the checkpoint (the fsyncs) is the thread's.
+
+    Proof by the database file itself: an ``immutable`` reader ignores the WAL, so it sees a
+    record only once a checkpoint copied it there. SQLite's own autocheckpoint would not have
+    (it waits for 1000 WAL pages), and with ours off a commit never does.
+    """
+    with StateDB.open(str(tmp_path / "state")) as db:
+        assert db._conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+        path = tmp_path / "state" / DB_NAME
+
+        def in_the_file() -> list[Any]:
+            ro = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)
+            try:
+                return ro.execute("SELECT jobid FROM jobs").fetchall()
+            except sqlite3.DatabaseError:  # no schema yet, or a page torn by a checkpoint under
+                return []  # way (an immutable reader takes no lock): the next look settles it
+            finally:
+                ro.close()
+
+        db.add_job(_job("cp1"))
+        # the checkpoint under way may have begun before this commit: the next one has it
+        for _ in range(5):
+            done = db.checkpoints()  # before looking: one that ends meanwhile still counts
+            if in_the_file():
+                break
+            assert db.wait_checkpoint(done, timeout=30), "no checkpoint"
+        assert in_the_file() == [("cp1",)]
+
+
+def test_close_stops_the_checkpoint_thread(tmp_path: Path) -> None:
+    db = StateDB.open(str(tmp_path / "state"))
+    thread = db._checkpointer
+    assert thread is not None and thread.is_alive()
+    db.add_job(_job("cp2"))
+    db.close()
+    assert not thread.is_alive()  # joined: nothing of the db outlives close()

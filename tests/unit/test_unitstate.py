@@ -21,7 +21,7 @@ def events(updates: list[dict[str, object]]) -> list[us.Event]:
     return out
 
 
-RUN = [
+RUN: list[dict[str, object]] = [
     {"ActiveState": "inactive", "SubState": "dead", "Result": "success"},  # before the start
     {"ActiveState": "active", "SubState": "running"},
     {"ExecMainPID": 42},
