@@ -101,11 +101,11 @@ def run_shell(argv: Sequence[str], env: Mapping[str, str]) -> int:
 def _save_coverage() -> None:
     """Under coverage (tests/run measures the job shells), write its data now: a fatal signal
     runs no atexit handler (os._exit is coverage's own ``patch = _exit``). Otherwise nothing:
-    coverage is looked up, never imported."""
+    coverage is looked up, never imported. Measuring goes on (save() flushes what it has):
+    only the kill itself goes unrecorded."""
     coverage = sys.modules.get("coverage")
     current = coverage.Coverage.current() if coverage is not None else None
     if current is not None:
-        current.stop()
         current.save()
 
 
@@ -115,7 +115,6 @@ def exit_like(status: int) -> NoReturn:
     sys.stderr.flush()
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
-        _save_coverage()  # while the forwarding handlers still hold off a late signal
         try:
             import resource
 
@@ -126,6 +125,7 @@ def exit_like(status: int) -> NoReturn:
         if sig not in (signal.SIGKILL, signal.SIGSTOP):
             signal.signal(sig, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {sig})
+        _save_coverage()  # (a late ``sig`` meanwhile ends the shell just as the kill would)
         os.kill(os.getpid(), sig)
         os._exit(128 + sig)  # only if the signal's default action does not terminate
     code = os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1

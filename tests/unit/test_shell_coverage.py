@@ -55,6 +55,7 @@ def test_a_shell_dying_by_its_jobs_signal_saves_its_data(tmp_path: Path, sig: in
     rc, lines = _measured_shell(tmp_path, f"kill -{int(sig)} $$")
     assert rc == -sig  # still dies the job's way
     assert _line_of("sig = os.WTERMSIG(status)") in lines
+    assert _line_of("resource.setrlimit(resource.RLIMIT_CORE") in lines  # up to the kill
     assert _line_of("def run_shell(") in lines and _line_of("pid = spawn(argv, env)") in lines
 
 
