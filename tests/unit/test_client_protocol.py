@@ -242,8 +242,14 @@ def test_attach_through_the_server(sock_path: Path) -> None:
 
 
 def test_attach_options() -> None:
-    assert client._attach_options(["attach", "--job", "j1"]) == ("j1", False, False)
-    assert client._attach_options(["attach", "--json", "--job=j2", "--user"]) == ("j2", True, True)
+    assert client._attach_options(["attach", "--job", "j1"]) == ("j1", False, False, False)
+    assert client._attach_options(["attach", "--json", "--job=j2", "--user"]) == (
+        "j2",
+        True,
+        True,
+        False,
+    )
+    assert client._attach_options(["attach", "-v", "--job", "j3"]) == ("j3", False, False, True)
     # anything else is the in-process parser's to explain
     assert client._attach_options(["attach", "--json"]) is None
     assert client._attach_options(["attach", "--job"]) is None
