@@ -253,7 +253,13 @@ def test_attach_options() -> None:
     # anything else is the in-process parser's to explain
     assert client._attach_options(["attach", "--json"]) is None
     assert client._attach_options(["attach", "--job"]) is None
-    assert client._attach_options(["attach", "--job", "j3", "--verbose"]) is None
+    assert client._attach_options(["attach", "--job", "j3", "--verbose"]) == (
+        "j3",
+        False,
+        False,
+        True,
+    )
+    assert client._attach_options(["attach", "--job", "j3", "--quiet"]) is None
 
 
 def test_following_a_job_with_no_server_gives_up_after_backing_off(
