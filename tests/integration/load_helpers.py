@@ -100,9 +100,7 @@ class Clients:
         return out
 
 
-async def client(
-    argv: list[str], limit: float, env: dict[str, str] | None = None
-) -> ClientResult:
+async def client(argv: list[str], limit: float, env: dict[str, str] | None = None) -> ClientResult:
     proc = await asyncio.create_subprocess_exec(
         *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         env=env or client_env(),

@@ -23,11 +23,11 @@ from sdexec.server.server import Server, _recv_with_fds
 ROOT, ME, MALLORY, EVE = 0, 1000, 1500, 1501
 
 
-
 def _lines(value: object) -> list[str]:
     """The stderr lines of a reply, typed (a reply is JSON: anything until checked)."""
     assert isinstance(value, list) and all(isinstance(x, str) for x in value), value
     return value
+
 
 def test_per_user_cap_applies_to_others_only() -> None:
     a = Admission(Limits(total=10, per_user=2), exempt=frozenset({ROOT, ME}))
