@@ -313,7 +313,11 @@ def run_via_server(argv: "Sequence[str]") -> int | None:
     finally:
         sock.close()
     if send_error is not None:
-        sys.stderr.write(f"sdexec: could not hand the job to the sdexec server: {send_error}\n")
+        # the request never reached a server (killed, or refusing at accept): nothing ran
+        sys.stderr.write(
+            f"sdexec: could not hand the job to the sdexec server ({send_error}); "
+            "the job did not run\n"
+        )
         return 125
     if accepted is None:
         # The server answers "accepted" before it starts anything: without it, nothing ran.

@@ -104,6 +104,17 @@ def run_command(argv: Sequence[str], env: Mapping[str, str]) -> tuple[int, Any]:
     return status, rusage
 
 
+def _save_coverage() -> None:
+    """Under coverage (tests/run measures the job shells), write its data now: a fatal signal
+    runs no atexit handler (os._exit is coverage's own ``patch = _exit``). Otherwise nothing:
+    coverage is looked up, never imported. Measuring goes on (save() flushes what it has):
+    only the kill itself goes unrecorded."""
+    coverage = sys.modules.get("coverage")
+    current = coverage.Coverage.current() if coverage is not None else None
+    if current is not None:
+        current.save()
+
+
 def exit_like(status: int) -> NoReturn:
     """Exit as a child with wait status ``status`` did: same exit code, or same fatal signal."""
     sys.stdout.flush()
@@ -120,6 +131,7 @@ def exit_like(status: int) -> NoReturn:
         if sig not in (signal.SIGKILL, signal.SIGSTOP):
             signal.signal(sig, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {sig})
+        _save_coverage()  # (a late ``sig`` meanwhile ends the shell just as the kill would)
         os.kill(os.getpid(), sig)
         os._exit(128 + sig)  # only if the signal's default action does not terminate
     code = os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1

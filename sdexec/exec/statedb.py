@@ -311,8 +311,7 @@ class StateDB:
                 # it into the database and fsyncs both is the checkpointer thread's, so no
                 # write of ours (and no event loop calling it) pays for one.
                 self._conn.execute("PRAGMA wal_autocheckpoint = 0")
-                self._checkpointer = _Checkpointer(self.path)
-                self._checkpointer.start()
+                self._checkpointer = _Checkpointer.start_for(self.path)
         with self._write() as c:
             version = int(c.execute("PRAGMA user_version").fetchone()[0])
             if version > SCHEMA_VERSION:
@@ -573,20 +572,30 @@ class _Checkpointer(threading.Thread):
     whole event loop for two fsyncs, every so many jobs.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, conn: sqlite3.Connection) -> None:
         super().__init__(name="sdexec-statedb-checkpoint", daemon=True)
         self.path = path
         self.dirty = threading.Event()
         self.done = 0
         self.changed = threading.Condition()
         self._stopping = threading.Event()
+        self._conn = conn  # opened by the caller: the db holds its fds once open() returns
+
+    @classmethod
+    def start_for(cls, path: str) -> _Checkpointer | None:
+        try:
+            conn = sqlite3.connect(
+                path, timeout=BUSY_TIMEOUT_SEC, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as e:
+            log.warning("state database %s: no checkpoint thread: %s", path, e)
+            return None
+        cp = cls(path, conn)
+        cp.start()
+        return cp
 
     def run(self) -> None:
-        try:
-            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SEC, isolation_level=None)
-        except sqlite3.Error as e:
-            log.warning("state database %s: no checkpoint thread: %s", self.path, e)
-            return
+        conn = self._conn
         try:
             while not self._stopping.is_set():
                 self.dirty.wait()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import collections
 import json
 import logging
 import os
@@ -52,6 +53,8 @@ ACCEPT_BACKOFF_MIN = 0.01
 ACCEPT_BACKOFF_MAX = 1.0
 REFUSAL_LOG_EVERY = 10.0
 KEEP_UNCLAIMED_SEC = 24 * 3600
+UNSTARTED_MAX = 4096
+UNSTARTED_KEEP_SEC = 600.0  # well past a client's CONNECT_PATIENCE (and its retries)
 """How long a finished job's status waits for ``sdexec attach`` when its client went away."""
 
 
@@ -99,6 +102,13 @@ class Server:
         self.adopted: dict[str, asyncio.Future[tuple[Handle, asyncio.Task[int | None]]]] = {}
         # jobs of connected clients (by job id): an attach for one waits for its end
         self.running: dict[str, asyncio.Future[tuple[Handle, int | None]]] = {}
+        # Re-adopted jobs found never started (a server killed between the record and the
+        # unit): no record is kept for them (a client never told of the job never asks), but
+        # a client that was told comes back, maybe after the record went: it must hear "not
+        # started", not "no record". Bounded, and forgotten after the clients' patience.
+        self.unstarted: collections.OrderedDict[str, tuple[frozenset[int], str, float]] = (
+            collections.OrderedDict()
+        )
         from sdexec.protocol.args import build_parser
 
         self.parser = build_parser("run", served=True)  # slow to build: once, not per job
@@ -275,10 +285,38 @@ class Server:
         # keeps it for the client that will come back (or 'sdexec attach').
         handle.keep_records = True
         task = asyncio.ensure_future(self._finish_adopted(handle))
-        # once it ended, its status is given (once) and the entry goes: nothing piles up
-        task.add_done_callback(lambda _t: self.adopted.pop(jobid, None))
+
+        def ended(_t: object) -> None:
+            # once it ended, its status is given (once) and the entry goes: nothing piles up
+            self.adopted.pop(jobid, None)
+            if handle.jobs and all(j.result == "not-started" for j in handle.jobs):
+                error = next((j.error for j in handle.jobs if j.error), None)
+                self._remember_unstarted(jobid, handle.owner_uids, error or "was not started")
+
+        task.add_done_callback(ended)
         entry.set_result((handle, task))
         return handle, task
+
+    def _remember_unstarted(self, jobid: str, owners: set[int], error: str) -> None:
+        now = time.monotonic()
+        self.unstarted[jobid] = (frozenset(owners), error, now)
+        self.unstarted.move_to_end(jobid)
+        while self.unstarted and (
+            len(self.unstarted) > UNSTARTED_MAX
+            or now - next(iter(self.unstarted.values()))[2] > UNSTARTED_KEEP_SEC
+        ):
+            self.unstarted.popitem(last=False)
+
+    def _unstarted(self, jobid: str, peer: int) -> str | None:
+        """What a re-attaching client hears of a job found never started, if it is its own."""
+        entry = self.unstarted.get(jobid)
+        if entry is None or time.monotonic() - entry[2] > UNSTARTED_KEEP_SEC:
+            return None
+        owners, error, _ = entry
+        if peer not in (0, os.getuid()) and owners != {peer}:
+            return None
+        del self.unstarted[jobid]  # told once, like a kept status
+        return error
 
     async def _finish_adopted(self, handle: Handle) -> int | None:
         kill = True
@@ -397,9 +435,7 @@ class Server:
             raise UsageError(f"expected the client's stdin, stdout and stderr, got {len(fds)} fds")
         return request, list(fds), rest
 
-    async def _attach(
-        self, request: dict[str, Any], peer: int
-    ) -> tuple[int, list[str], Handle]:
+    async def _attach(self, request: dict[str, Any], peer: int) -> tuple[int, list[str], Handle]:
         """A client asks for a job's end: its own run's after losing the server, or any job
         of its owner (``sdexec attach``). Ownership is checked before anything is touched."""
         jobid = request.get("jobid")
@@ -409,7 +445,12 @@ class Server:
         json_out = request.get("json") is True
         verbose = request.get("verbose") is True
         db = self._state()
-        check_attach(db.list_jobs(jobid=jobid), jobid, peer)
+        recs = db.list_jobs(jobid=jobid)
+        if not recs and jobid not in self.adopted:
+            error = self._unstarted(jobid, peer)
+            if error is not None:
+                raise LaunchError(f"job {jobid}: {error}; it did not run")
+        check_attach(recs, jobid, peer)
         running = self.running.get(jobid)
         if running is not None:  # a client of ours that went away: its job is still ours
             handle, rc = await asyncio.shield(running)

@@ -34,11 +34,11 @@ GUEST_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/home/guest", "LAN
 ServerConf = Callable[[str], None]
 
 
-
 def _lines(value: object) -> list[str]:
     """The stderr lines of a reply, typed (a reply is JSON: anything until checked)."""
     assert isinstance(value, list) and all(isinstance(x, str) for x in value), value
     return value
+
 
 def _server_pid() -> int:
     return main_pid("sdexec.service")

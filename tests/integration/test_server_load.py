@@ -275,7 +275,6 @@ async def test_server_killed_during_50_jobs(tmp_path: Path) -> None:
     )  # fmt: skip
 
 
-
 # --- H2/H3 at the limit: a server with few descriptors ---------------------------------------
 
 

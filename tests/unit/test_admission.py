@@ -16,18 +16,18 @@ from pathlib import Path
 import pytest
 
 from sdexec.config.table import ExecConfig, SiteConfig
-from sdexec.errors import LaunchError, UsageError
+from sdexec.errors import LaunchError, RefusedError, UsageError
 from sdexec.server.admission import Admission, Limits, raise_fd_limit
 from sdexec.server.server import Server, _recv_with_fds
 
 ROOT, ME, MALLORY, EVE = 0, 1000, 1500, 1501
 
 
-
 def _lines(value: object) -> list[str]:
     """The stderr lines of a reply, typed (a reply is JSON: anything until checked)."""
     assert isinstance(value, list) and all(isinstance(x, str) for x in value), value
     return value
+
 
 def test_per_user_cap_applies_to_others_only() -> None:
     a = Admission(Limits(total=10, per_user=2), exempt=frozenset({ROOT, ME}))
@@ -203,3 +203,33 @@ async def test_over_the_cap_is_refused_at_accept_with_busy(server: Server) -> No
         for ours, theirs in pairs:
             ours.close()
             theirs.close()
+
+
+# --- a re-attaching client of a job found never started -------------------------------------
+
+
+async def test_a_client_told_of_a_job_that_never_started_hears_so_once(server: Server) -> None:
+    """After a kill -9 the new server finds the job's record but no unit: it never ran, and
+    its record goes. Its client, already told the job id, comes back: it must hear "did not
+    run" (a resource manager may run it again), not "no record" -- once, and only its owner."""
+    uid = os.getuid()
+    server._remember_unstarted("ns1", {uid}, "job ns1 was not started (its launcher stopped)")
+    with pytest.raises(LaunchError, match=r"ns1 was not started .*; it did not run"):
+        await server._attach({"op": "attach", "jobid": "ns1"}, uid)
+    with pytest.raises(RefusedError, match="no record of job ns1"):  # told once
+        await server._attach({"op": "attach", "jobid": "ns1"}, uid)
+
+
+def test_another_user_learns_nothing_of_an_unstarted_job(server: Server) -> None:
+    server._remember_unstarted("ns2", {4242}, "not started")
+    assert server._unstarted("ns2", 4343) is None
+    assert server._unstarted("ns2", 4242) == "not started"
+
+
+def test_unstarted_jobs_are_bounded(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sdexec.server import server as srvmod
+
+    monkeypatch.setattr(srvmod, "UNSTARTED_MAX", 3)
+    for i in range(10):
+        server._remember_unstarted(f"b{i}", {1}, "not started")
+    assert list(server.unstarted) == ["b7", "b8", "b9"]
