@@ -376,7 +376,7 @@ def test_a_request_that_could_not_be_sent_did_not_run(
     server = ScriptedServer(sock_path, [hang_up])
     monkeypatch.setenv("SDEXEC_SOCKET", str(sock_path))
     # the one way to lose that race every time: the client's send fails as the kernel's would
-    monkeypatch.setattr(socket, "send_fds", broken_pipe)
+    monkeypatch.setattr(client, "_send_with_fds", broken_pipe)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         code = client.run_via_server(["run", "--", "true"])
