@@ -253,9 +253,17 @@ class StateDB:
         # Removals that failed (full disk, I/O error): done on the next write that succeeds.
         self._pending_removals: set[Key] = set()
         self._checkpointer: _Checkpointer | None = None
+        self._background_checkpoint = False
 
     @classmethod
-    def open(cls, state_dir: str) -> StateDB:
+    def open(cls, state_dir: str, *, background_checkpoint: bool = False) -> StateDB:
+        """Open (creating if needed) the node's state db in ``state_dir``.
+
+        ``background_checkpoint``: WAL checkpoints (the only fsyncs with synchronous=NORMAL)
+        run on a thread of the db's own instead of inside whichever commit crosses SQLite's
+        1000-page mark, so no write ever waits for one: for the server, whose event loop
+        serves every client. A short-lived process leaves SQLite's own policy (its close
+        checkpoints anyway), so it pays for no thread and no second connection."""
         state_dir = os.path.abspath(state_dir)
         if not os.path.lexists(state_dir):
             try:
@@ -290,6 +298,7 @@ class StateDB:
         except sqlite3.Error as e:
             raise RefusedError(f"cannot open state database {path}: {e}") from None
         db = cls(conn, path)
+        db._background_checkpoint = background_checkpoint
         try:
             db._init()
         except BaseException:
@@ -306,7 +315,7 @@ class StateDB:
             # WAL + NORMAL survives a crashed process (not a power loss: the last few
             # transactions may go, which re-adopting the units makes up for)
             self._conn.execute("PRAGMA synchronous = NORMAL")
-            if str(mode).lower() == "wal":
+            if self._background_checkpoint and str(mode).lower() == "wal":
                 # Commits then only append to the WAL (no fsync); the checkpoint that copies
                 # it into the database and fsyncs both is the checkpointer thread's, so no
                 # write of ours (and no event loop calling it) pays for one.
@@ -588,6 +597,12 @@ class _Checkpointer(threading.Thread):
                 path, timeout=BUSY_TIMEOUT_SEC, isolation_level=None, check_same_thread=False
             )
         except sqlite3.Error as e:
+            log.warning("state database %s: no checkpoint thread: %s", path, e)
+            return None
+        try:  # its files (-wal, -shm) open now, not at its first checkpoint: fds settle here
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchall()
+        except sqlite3.Error as e:
+            conn.close()
             log.warning("state database %s: no checkpoint thread: %s", path, e)
             return None
         cp = cls(path, conn)

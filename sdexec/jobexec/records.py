@@ -21,10 +21,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def open_db(cfg: ExecConfig) -> StateDB:
+def open_db(cfg: ExecConfig, *, background_checkpoint: bool = False) -> StateDB:
+    """The node's state db; ``background_checkpoint`` for a long-lived process (the server)
+    whose event loop must never wait for a WAL checkpoint (see StateDB.open)."""
     from sdexec.exec.statedb import StateDB
 
-    return StateDB.open(cfg.sdexec.resolved_state_dir())
+    return StateDB.open(
+        cfg.sdexec.resolved_state_dir(), background_checkpoint=background_checkpoint
+    )
 
 
 def record_job(db: StateDB, req: JobRequest, rank: int, service: str, unit: str) -> None:

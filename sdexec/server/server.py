@@ -115,7 +115,7 @@ class Server:
         self.db: StateDB | None = None
         self._db_error: str | None = None
         try:
-            self.db = open_db(cfg)
+            self.db = open_db(cfg, background_checkpoint=True)
         except SdexecError as e:
             # The server stays up to say so to every client, rather than dying at each
             # socket activation until systemd gives up on the socket.
@@ -133,7 +133,7 @@ class Server:
         """The node's database, opened again if it could not be before (an admin fixed it)."""
         if self.db is None:
             try:
-                self.db = open_db(self.cfg)
+                self.db = open_db(self.cfg, background_checkpoint=True)
             except SdexecError as e:
                 self._db_error = str(e)
                 raise LaunchError(

@@ -504,7 +504,7 @@ def test_writes_never_run_a_checkpoint_and_the_thread_does(tmp_path: Path) -> No
     record only once a checkpoint copied it there. SQLite's own autocheckpoint would not have
     (it waits for 1000 WAL pages), and with ours off a commit never does.
     """
-    with StateDB.open(str(tmp_path / "state")) as db:
+    with StateDB.open(str(tmp_path / "state"), background_checkpoint=True) as db:
         assert db._conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
         path = tmp_path / "state" / DB_NAME
 
@@ -528,9 +528,17 @@ def test_writes_never_run_a_checkpoint_and_the_thread_does(tmp_path: Path) -> No
 
 
 def test_close_stops_the_checkpoint_thread(tmp_path: Path) -> None:
-    db = StateDB.open(str(tmp_path / "state"))
+    db = StateDB.open(str(tmp_path / "state"), background_checkpoint=True)
     thread = db._checkpointer
     assert thread is not None and thread.is_alive()
     db.add_job(_job("cp2"))
     db.close()
     assert not thread.is_alive()  # joined: nothing of the db outlives close()
+
+
+def test_a_short_lived_process_gets_no_checkpoint_thread(tmp_path: Path) -> None:
+    """Only the server asks for it: a CLI's db keeps SQLite's own checkpoint policy."""
+    with StateDB.open(str(tmp_path / "state")) as db:
+        assert db._checkpointer is None
+        assert db._conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
+        db.add_job(_job("cp3"))
