@@ -11,20 +11,6 @@ from typing import Any, NoReturn
 from sdexec import __version__
 from sdexec.errors import UsageError
 
-# subcommand -> "module:function"; each function takes the parsed Namespace and returns an exit code
-HANDLERS = {
-    "run": "sdexec.cli.cmd_run:main",
-    "attach": "sdexec.cli.cmd_run:attach",
-    "config-check": "sdexec.cli.cmd_config:check",
-    "stats": "sdexec.cli.cmd_stats:main",
-    "drain-list": "sdexec.cli.cmd_drain:list_",
-    "drain-clear": "sdexec.cli.cmd_drain:clear",
-    "drain-set": "sdexec.cli.cmd_drain:set_",
-    "jobs": "sdexec.cli.cmd_stats:jobs",
-    "serve": "sdexec.server.server:main",
-    "epilog": "sdexec.cli.cmd_epilog:main",
-}
-
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but errors are a UsageError (one line naming the argument, exit code 2), so
