@@ -165,12 +165,13 @@ class BaseJob(ABC):
         )
         self.stop_timer = StopTimer(StopTimerPolicy.from_config(cfg, via_imp=via_imp), self.clock)
 
-    def spawn(self, coro: Awaitable[Any], name: str | None = None) -> None:
+    def spawn(self, coro: Awaitable[Any], name: str | None = None) -> asyncio.Future[Any]:
         task = asyncio.ensure_future(coro)
         if name:
             task.set_name(name)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)

@@ -168,7 +168,7 @@ class Job(BaseJob):
         self._gate: Gate | None = None
         self.cgroup: str | None = None
         self.want_accounting = False  # read the figures at the exit, before stop or reset
-        self._accounting_read: asyncio.Task[None] | None = None
+        self._accounting_read: asyncio.Future[Any] | None = None
         self._reported_status = ""  # the main process's last accounting STATUS= (signals)
 
     @property
@@ -189,17 +189,16 @@ class Job(BaseJob):
                 signum = _signal.SIGUSR1
         try:
             await kill_unit(self.launcher.manager, self.unit, who, signum)
-        except BusCallError as e:
-            if is_gone(e) or not self.running:
+        except LaunchError as e:
+            # systemd's refusal (BusCallError), or no bus in bounded time (bus.call's
+            # deadline): either way the sequence goes on to its next step, and in the end to
+            # the drain, rather than stalling on a dead bus
+            if isinstance(e, BusCallError) and (is_gone(e) or not self.running):
                 log.debug("%s: KillUnit(%s, %d): %s", self.unit, who, signum, e)
                 return
             log.error("%s: could not signal processes: %s", self.unit, e)
-            self.error = self.error or f"could not signal the job's processes: {e.text}"
-        except LaunchError as e:
-            # no bus in bounded time (bus.call's deadline): the sequence goes on to its next
-            # step, and in the end to the drain, rather than stalling on a dead bus
-            log.error("%s: could not signal processes: %s", self.unit, e)
-            self.error = self.error or f"could not signal the job's processes: {e}"
+            text = e.text if isinstance(e, BusCallError) else str(e)
+            self.error = self.error or f"could not signal the job's processes: {text}"
 
     def stop_signal_target(self) -> Who:
         # Through the IMP the main process proxies SIGUSR1 to the whole unit.
@@ -254,10 +253,7 @@ class Job(BaseJob):
             self._note_memory(event.wait_status)
             if self.want_accounting and self._accounting_read is None:
                 # before anything stops or resets the unit (on_props spawns the stop next)
-                task = asyncio.ensure_future(self._read_accounting())
-                self._tasks.add(task)  # as spawn() does: a failure is logged, not lost
-                task.add_done_callback(self._task_done)
-                self._accounting_read = task
+                self._accounting_read = self.spawn(self._read_accounting())
             self.set_finished(event.wait_status)
         elif isinstance(event, us.Deactivating):
             log.debug("%s: deactivating", self.unit)
@@ -277,7 +273,7 @@ class Job(BaseJob):
                     self.path, SERVICE_IFACE, keys=ACCOUNTING_PROPERTIES
                 )
             )
-        except (BusCallError, LaunchError) as e:
+        except LaunchError as e:  # BusCallError included
             log.debug("%s: reading the end-of-job figures: %s", self.unit, e)
         if self._reported_status and not str(props.get("StatusText") or ""):
             props["StatusText"] = self._reported_status
@@ -423,6 +419,8 @@ class Launcher:
             raise LaunchError("the command is empty (usage: sdexec run [OPTIONS] -- CMD [ARG...])")
         via_imp = spec.guest_user is not None
         unit_env, unit_cwd, user = env, cwd, None
+        # the job shell in front of the command (not through the IMP: it takes spec.shell)
+        shell = spec.shell or (BUILTIN_SHELL if spec.accounting else ())
         if via_imp and spec.run_as is not None:
             raise UsageError(f"job {spec.jobid}: guest_user (IMP) and run_as exclude each other")
         if via_imp:
@@ -446,13 +444,11 @@ class Launcher:
                     "needs a root launcher on the system manager ([sdexec] guest-credentials)"
                 )
             pw = guest_passwd(spec.run_as)
-            shell = spec.shell or (BUILTIN_SHELL if spec.accounting else ())
             argv = [*(shell or guest_exec_prefix(spec.argv[0])), *spec.argv]
             argv[0] = resolve_program(argv[0], {"PATH": DEFAULT_PATH}, "/")  # ours, not theirs
             groups = [g for g in os.getgrouplist(pw.pw_name, pw.pw_gid) if g != pw.pw_gid]
             user = (pw.pw_uid, pw.pw_gid, tuple(groups))
         else:
-            shell = spec.shell or (BUILTIN_SHELL if spec.accounting else ())
             argv = [*shell, *spec.argv]
             argv[0] = resolve_program(argv[0], env, cwd)
         if spec.accounting and (via_imp or tuple(argv[: len(BUILTIN_SHELL)]) == BUILTIN_SHELL):

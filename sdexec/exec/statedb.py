@@ -243,7 +243,9 @@ Key = tuple[str, int]
 class StateDB:
     """Handle on the node's state file; one per process, safe to share between threads."""
 
-    def __init__(self, conn: sqlite3.Connection, path: str) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, path: str, *, background_checkpoint: bool = False
+    ) -> None:
         self._conn = conn
         self.path = path
         self._lock = threading.RLock()
@@ -253,7 +255,7 @@ class StateDB:
         # Removals that failed (full disk, I/O error): done on the next write that succeeds.
         self._pending_removals: set[Key] = set()
         self._checkpointer: _Checkpointer | None = None
-        self._background_checkpoint = False
+        self._background_checkpoint = background_checkpoint  # _init() starts the thread
 
     @classmethod
     def open(cls, state_dir: str, *, background_checkpoint: bool = False) -> StateDB:
@@ -297,8 +299,7 @@ class StateDB:
             )
         except sqlite3.Error as e:
             raise RefusedError(f"cannot open state database {path}: {e}") from None
-        db = cls(conn, path)
-        db._background_checkpoint = background_checkpoint
+        db = cls(conn, path, background_checkpoint=background_checkpoint)
         try:
             db._init()
         except BaseException:
