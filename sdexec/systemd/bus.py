@@ -48,8 +48,10 @@ DBUS = "org.freedesktop.DBus"
 MAX_IN_FLIGHT = 64
 RETRY_FOR = 60.0
 CONNECT_TIMEOUT = 5.0
-CALL_TIMEOUT = 90.0  # longer than dbus-daemon's own 25 s reply timeout: ours is the backstop
 """Bound on one connection attempt (connect, Hello, matches, Subscribe): then a new one."""
+CALL_TIMEOUT = 90.0
+"""Bound on one call's reply: longer than dbus-daemon's own 25 s, so ours is the backstop (a
+direct connection has no other)."""
 TRANSIENT_ERRORS = frozenset(
     {
         "org.freedesktop.DBus.Error.NoReply",
@@ -261,18 +263,16 @@ class Manager:
         try:
             bus.add_message_handler(self._on_message)
             self._bus = bus
+            self._matched.clear()  # a new connection has none of the old rules
+            self._namespace_match = False
             if self.direct:
                 # every signal comes on a direct connection: no rules; Subscribe is a no-op
                 # there but harmless, and says systemd is ready for calls
-                self._matched.clear()
-                self._namespace_match = False
                 await self._retrying(bus, "Subscribe")
                 self._connected.set()
                 return
             # Signals before Subscribe are not sent (moonshine #124); matches before any start.
             # The calls are independent: sent together, they cost one round trip, not three.
-            self._matched.clear()  # a new connection has none of the old rules
-            self._namespace_match = False
             # Each is idempotent and retried while systemd is away: a daemon-reexec during this
             # sequence answers Subscribe with NoReply, then ServiceUnknown until systemd is
             # back. (If the old systemd answered and then re-executed, NameOwnerChanged,
