@@ -53,13 +53,17 @@ class RecordedJob(BaseJob):
         pass
 
 
+def is_stranger(caller_uid: int | None) -> bool:
+    """A caller other than root or the instance owner: it may follow only its own jobs."""
+    return caller_uid is not None and caller_uid not in (0, os.getuid())
+
+
 def check_attach(recs: Sequence[StateRecord], jobid: str, caller_uid: int | None) -> None:
     """Whether ``caller_uid`` may attach to ``jobid``: before anything is adopted or said.
 
     A caller other than root or the instance owner learns nothing of another user's job,
     not even that it exists."""
-    stranger = caller_uid is not None and caller_uid not in (0, os.getuid())
-    if stranger and (not recs or any(r.owner_uid != caller_uid for r in recs)):
+    if is_stranger(caller_uid) and (not recs or any(r.owner_uid != caller_uid for r in recs)):
         raise RefusedError(f"attach: no job {jobid} of yours on this node")
     if not recs:
         raise RefusedError(f"attach: no record of job {jobid} on this node (see 'sdexec jobs')")

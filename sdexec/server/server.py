@@ -33,7 +33,7 @@ from sdexec.errors import LaunchError, RefusedError, SdexecError, UsageError
 from sdexec.exec.aio import first_completed
 from sdexec.exec.launcher import Launcher
 from sdexec.exec.statedb import StateDB
-from sdexec.jobexec.attach import attach_job, check_attach
+from sdexec.jobexec.attach import attach_job, check_attach, is_stranger
 from sdexec.jobexec.handle import Handle
 from sdexec.jobexec.policy import owner_uid, select_service
 from sdexec.jobexec.records import db_remove, open_db
@@ -313,7 +313,7 @@ class Server:
         if entry is None or time.monotonic() - entry[2] > UNSTARTED_KEEP_SEC:
             return None
         owners, error, _ = entry
-        if peer not in (0, os.getuid()) and owners != {peer}:
+        if is_stranger(peer) and owners != {peer}:
             return None
         del self.unstarted[jobid]  # told once, like a kept status
         return error
