@@ -70,6 +70,9 @@ SIGNALLED = frozenset(
     {"StatusText", "ExecMainStartTimestampMonotonic", "ExecMainExitTimestampMonotonic"}
 )
 """Those that systemd sends in PropertiesChanged too (the launcher keeps them as they come)."""
+# Copies, on purpose, of config.memory.UINT64_MAX and systemd.cgroup.CGROUP_ROOT: the job
+# shell imports this module at the end of every accounted job and must pay for ``os`` only
+# (config.memory compiles regexes, systemd.cgroup imports signal's enums).
 _UNSET = (1 << 64) - 1  # systemd's "[not set]" for a uint64 figure
 _CGROUP_ROOT = "/sys/fs/cgroup"
 
@@ -381,7 +384,7 @@ def format_bytes(n: float | None) -> str:
     return f"{value:.1f}T"
 
 
-def format_seconds(s: float | None) -> str:
+def format_timespan(s: float | None) -> str:
     """``141ms``, ``2.513s``, ``3min 2.100s`` (close to systemd's timespans)."""
     if s is None:
         return "n/a"
@@ -402,11 +405,11 @@ def human_line(unit: str, result: str | None, status: str, acct: Mapping[str, An
         f"Finished with result: {result or 'unknown'}",
         f"Main process terminated with: {status}",
     ]
-    parts.append(f"Service runtime: {format_seconds(acct.get('wall_time'))}")
+    parts.append(f"Service runtime: {format_timespan(acct.get('wall_time'))}")
     cpu = acct.get("cpu_time")
-    text = f"CPU time consumed: {format_seconds(cpu)}"
+    text = f"CPU time consumed: {format_timespan(cpu)}"
     if acct.get("cpu_user") is not None and acct.get("cpu_system") is not None:
-        user, system = format_seconds(acct["cpu_user"]), format_seconds(acct["cpu_system"])
+        user, system = format_timespan(acct["cpu_user"]), format_timespan(acct["cpu_system"])
         text += f" (user {user}, system {system})"
     parts.append(text)
     parts.append(f"Memory peak: {format_bytes(acct.get('memory_peak'))}")

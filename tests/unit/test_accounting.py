@@ -261,8 +261,8 @@ def test_human_line_reads_like_systemd_run() -> None:
     [(0.0000005, "0us"), (0.141, "141ms"), (2.5, "2.500s"), (62.0, "1min 2.000s"),
      (3723.0, "1h 2min 3s")],
 )  # fmt: skip
-def test_format_seconds(seconds: float, text: str) -> None:
-    assert acct.format_seconds(seconds) == text
+def test_format_timespan(seconds: float, text: str) -> None:
+    assert acct.format_timespan(seconds) == text
 
 
 @pytest.mark.parametrize(
