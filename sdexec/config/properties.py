@@ -9,7 +9,6 @@ systemd types as strings (DevicePolicy, ManagedOOMSwap...) work that way.
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -243,6 +242,8 @@ def convert_one(name: str, value: str) -> UnitProperty:
 
 
 def _unsupported(name: str) -> str:
+    import difflib  # only for an error's suggestion
+
     known = ", ".join(sorted(SUPPORTED_PROPERTIES))
     close = difflib.get_close_matches(name, sorted(SUPPORTED_PROPERTIES), n=1, cutoff=0.75)
     if not close:

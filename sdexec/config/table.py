@@ -6,7 +6,6 @@ Every problem is collected before raising, so one ``sdexec config check`` shows 
 
 from __future__ import annotations
 
-import glob
 import logging
 import math
 import os
@@ -693,6 +692,8 @@ def _files(path: str) -> list[str]:
     entry that is not a regular file (a dangling link, a fifo) is an error, never skipped:
     a silently ignored drop-in is a setting the site believes applies."""
     if os.path.isdir(path):
+        import glob  # only for a conf.d directory
+
         pattern = os.path.join(glob.escape(path), "*.toml")
         found = sorted(glob.glob(pattern), key=os.path.basename)
         errors = []

@@ -13,8 +13,6 @@ asking for them would hang or mean nothing.
 from __future__ import annotations
 
 import asyncio
-import difflib
-import json
 import logging
 import math
 from collections.abc import Callable, Coroutine, Mapping
@@ -66,6 +64,8 @@ def _collect(attrs: Mapping[str, str]) -> dict[str, str] | None:
         text = attrs[PREFIX].strip()
         if text.startswith("{"):
             try:
+                import json  # only for a job that asks for simulation
+
                 table = json.loads(text)
             except ValueError:
                 raise UsageError(f"{PREFIX}: {text!r} is not a JSON object") from None
@@ -98,6 +98,8 @@ class TestexecSpec:
             if name in UNSUPPORTED:
                 raise UsageError(f"{PREFIX}.{name}: not supported: {UNSUPPORTED[name]}")
             if name not in KEYS:
+                import difflib  # only for an error's suggestion
+
                 close = difflib.get_close_matches(name, KEYS, n=1)
                 hint = f" (did you mean {PREFIX}.{close[0]}?)" if close else ""
                 raise UsageError(

@@ -15,7 +15,6 @@ from sdexec.config.table import ExecConfig
 from sdexec.errors import LaunchError, RefusedError
 from sdexec.exec.channel import DEVNULL, PIPE
 from sdexec.exec.job import BaseJob
-from sdexec.exec.simulated import SimulatedJob
 from sdexec.jobexec.handle import Handle
 from sdexec.jobexec.policy import JobRequest, select_service, shell_prefix, via_imp
 from sdexec.jobexec.records import db_remove, finish_record, open_db, publisher, record_job
@@ -278,6 +277,8 @@ async def _start_testexec(cfg: ExecConfig, req: JobRequest, handle: Handle) -> N
     except BaseException:
         db_remove(db, req.jobid, req.rank)
         raise
+    from sdexec.exec.simulated import SimulatedJob  # testexec's: only for its jobs
+
     job = SimulatedJob(
         req.jobid,
         name,

@@ -15,8 +15,10 @@ from sdexec.errors import LaunchError, RefusedError, UsageError
 
 if TYPE_CHECKING:
     from sdexec.exec.binding import Binding
+    from sdexec.exec.pmi import PmiEndpoint
     from sdexec.jobexec.handle import Handle
     from sdexec.jobexec.policy import JobRequest
+    from sdexec.jobexec.slurm import SlurmStep
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +88,23 @@ def build_request(
         env = usable_environment(environ)
         default_cwd = cwd
     env.update(extra_env)
-    # Under a resource manager the job's identity is its: Slurm's job.step, task rank, size
-    from sdexec.exec.pmi import PmiEndpoint
-    from sdexec.jobexec.slurm import allocation_memory, step_from_environment
+    # Under a resource manager the job's identity is its: Slurm's job.step, task rank, size.
+    # Their modules are imported only for a task of one (every job's start pays for imports).
+    step: SlurmStep | None = None
+    if "SLURM_JOB_ID" in environ and (args.job is None or args.rank is None):
+        from sdexec.jobexec.slurm import step_from_environment
 
-    step = step_from_environment(environ) if args.job is None or args.rank is None else None
+        step = step_from_environment(environ)
+    pmi: PmiEndpoint | None = None
+    if "PMI_RANK" in environ:
+        from sdexec.exec.pmi import PmiEndpoint
+
+        pmi = PmiEndpoint.from_environment(environ)
+    memory: int | None = None
+    if step is not None:
+        from sdexec.jobexec.slurm import allocation_memory
+
+        memory = allocation_memory(environ)
     # the PMI fd is this process's (or the client's, passed to the server), not the unit's
     env.pop("PMI_FD", None)
     check_environment(env)
@@ -120,8 +134,8 @@ def build_request(
         owner=owner,
         rank=rank,
         size=step.size if step else None,
-        pmi=PmiEndpoint.from_environment(environ),
-        allocation_memory=allocation_memory(environ) if step else None,
+        pmi=pmi,
+        allocation_memory=memory,
         slurm_job=step.job_id if step else None,
         user_manager=args.user,
         keep_failed_unit=args.keep_unit,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from collections.abc import Sequence
 
 SH = "/bin/sh"
@@ -56,4 +55,6 @@ class Gate:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = None
+        import shutil  # loaded only for a gated job
+
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -37,3 +37,28 @@ def test_import_sdexec_is_light() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
     )
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_a_plain_in_process_job_imports_only_what_it_uses() -> None:
+    """An in-process ``sdexec run`` pays for every module it imports (bench/cli_latency.py):
+    a job outside Slurm, without PMI, testexec or a conf.d directory, and without an error to
+    suggest a spelling for, must not load their modules (shutil comes with argparse's
+    formatter anyway)."""
+    code = """
+import argparse, os, sys
+from sdexec.cli import cmd_run  # noqa: F401 - the in-process path's modules
+from sdexec.jobexec import shells  # noqa: F401
+from sdexec.protocol.args import build_parser
+from sdexec.protocol.request import build_request
+args = build_parser("run").parse_args(["run", "--job", "7", "--", "/bin/true"])
+req = build_request(args, {"PATH": "/usr/bin:/bin"}, "/", None)
+assert req.pmi is None and req.slurm_job is None
+unwanted = ("sdexec.jobexec.slurm", "sdexec.exec.pmi", "sdexec.exec.barrier",
+            "sdexec.exec.simulated", "difflib", "glob")
+print(sorted(m for m in unwanted if m in sys.modules))
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COVERAGE_", "SLURM_", "PMI_"))}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    assert out.stdout.strip() == "[]", out.stdout
