@@ -34,6 +34,10 @@ BUSY_TIMEOUT_SEC = 10.0
 # WAL checkpoints (the only writes that fsync with synchronous=NORMAL) run on a thread of their
 # own, at most this often and only after a write: a server's event loop never waits for one.
 CHECKPOINT_INTERVAL_SEC = 1.0
+# The WAL is rewritten from its start once a checkpoint has copied it all, but its file keeps
+# the size of the largest burst it ever held (5 MB after a few thousand jobs at concurrency
+# 32) unless SQLite is told to cut it back: then it does, each time it starts over.
+WAL_SIZE_LIMIT = 1 << 20
 FINAL_STATES = frozenset({"finished", "abandoned"})
 JOB_STATES = frozenset({"starting", "running", "terminating", *FINAL_STATES})
 # A launcher that started this long after its record's launcher_since is a recycled pid.
@@ -316,6 +320,7 @@ class StateDB:
             # WAL + NORMAL survives a crashed process (not a power loss: the last few
             # transactions may go, which re-adopting the units makes up for)
             self._conn.execute("PRAGMA synchronous = NORMAL")
+            self._conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
             if self._background_checkpoint and str(mode).lower() == "wal":
                 # Commits then only append to the WAL (no fsync); the checkpoint that copies
                 # it into the database and fsyncs both is the checkpointer thread's, so no
@@ -601,6 +606,7 @@ class _Checkpointer(threading.Thread):
             log.warning("state database %s: no checkpoint thread: %s", path, e)
             return None
         try:  # its files (-wal, -shm) open now, not at its first checkpoint: fds settle here
+            conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}").fetchall()
             conn.execute("SELECT count(*) FROM sqlite_master").fetchall()
         except sqlite3.Error as e:
             conn.close()

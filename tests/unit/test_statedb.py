@@ -19,6 +19,7 @@ from sdexec.errors import LaunchError, RefusedError
 from sdexec.exec.statedb import (
     DB_NAME,
     SCHEMA_VERSION,
+    WAL_SIZE_LIMIT,
     JobRecord,
     StateDB,
     launcher_alive,
@@ -542,3 +543,29 @@ def test_a_short_lived_process_gets_no_checkpoint_thread(tmp_path: Path) -> None
         assert db._checkpointer is None
         assert db._conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
         db.add_job(_job("cp3"))
+
+
+def test_the_wal_file_is_cut_back_after_a_burst(tmp_path: Path) -> None:
+    """Every resource clients can make the server hold is bounded: disk too. A burst of jobs
+    (here: while a reader keeps the WAL from starting over, so it must grow) leaves a WAL file
+    of its size; once checkpointed and started over, SQLite cuts it back to the limit."""
+    state = tmp_path / "state"
+    with StateDB.open(str(state), background_checkpoint=True) as db:
+        wal = state / (DB_NAME + "-wal")
+        reader = sqlite3.connect(str(state / DB_NAME), isolation_level=None)
+        try:
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM jobs").fetchall()  # holds its snapshot
+            for i in range(600):
+                db.add_job(_job(f"burst{i}"))
+            assert wal.stat().st_size > 2 * WAL_SIZE_LIMIT
+        finally:
+            reader.close()
+        for i in range(20):  # a checkpoint that copies it all, then a write starts it over
+            done = db.checkpoints()
+            assert db.wait_checkpoint(done, timeout=30), "no checkpoint"
+            db.update_job(f"burst{i}", 0, state="running")
+            if wal.stat().st_size <= WAL_SIZE_LIMIT:
+                break
+        assert wal.stat().st_size <= WAL_SIZE_LIMIT
+        assert len(db.list_jobs()) == 600
