@@ -30,6 +30,7 @@ if __package__ in (None, ""):  # run as a script: make ``bench`` and ``sdexec`` 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
+    MINIMAL_CLIENT,
     cleanup_units,
     emit,
     host_facts,
@@ -282,7 +283,8 @@ def main(args: argparse.Namespace) -> int:
         with open(cfg, "w") as f:
             f.write(CONFIG.format(state=os.path.join(tmp, "state")))
     times: dict[str, list[float]] = {
-        "systemd_run": [], "in_process": [], "floor": [], "server": [], "raw": []
+        "systemd_run": [], "in_process": [], "floor": [], "server": [], "raw": [],
+        "minimal_client": [],
     }  # fmt: skip
     server = not args.no_server
     if server and not os.path.exists(server_socket()):
@@ -335,8 +337,18 @@ def main(args: argparse.Namespace) -> int:
             ("in_process", in_process),
             ("floor", floor),
         ]
+
+        def minimal_client(i: int) -> float:
+            # the least a Python client program of the server can be: the server path's floor
+            dt, rc, err = timed(
+                [py, "-c", MINIMAL_CLIENT, server_socket(), f"{prefix}-m{i}", "/bin/true"]
+            )
+            if rc != 0:
+                failures.append(f"minimal Python client exit {rc}: {err.strip()}")
+            return dt
+
         if server:
-            series += [("server", via_server), ("raw", raw)]
+            series += [("server", via_server), ("raw", raw), ("minimal_client", minimal_client)]
         log(f"warm-up, then {args.k} runs of each of {', '.join(n for n, _ in series)}")
         for i in range(2):
             for _name, measure in series:
@@ -387,6 +399,7 @@ def main(args: argparse.Namespace) -> int:
     ip = stats_ms(times["in_process"])
     sv = stats_ms(times["server"]) if times["server"] else None
     rw = stats_ms(times["raw"]) if times["raw"] else None
+    mc = stats_ms(times["minimal_client"]) if times["minimal_client"] else None
     fl = stats_ms(times["floor"])
     floor_ratio = fl["median_ms"] / sr["median_ms"]
     clean = not failures and leftover == 0
@@ -399,6 +412,11 @@ def main(args: argparse.Namespace) -> int:
             "goal_met": sv_ratio is not None and sv_ratio <= GOAL_SERVER and clean,
             "moonshot": f"<= {MOONSHOT_SERVER} x",
             "moonshot_met": sv_ratio is not None and sv_ratio <= MOONSHOT_SERVER and clean,
+            # the same server through the least a Python client program can be: the floor of
+            # this path for a client in Python (its start-up is most of the difference)
+            "floor": "bench.common.MINIMAL_CLIENT",
+            "floor_ratio_of_medians": rnd(mc["median_ms"] / sr["median_ms"], 2) if mc else None,
+            "above_floor_ms": rnd(sv["median_ms"] - mc["median_ms"], 1) if sv and mc else None,
         },
         "in_process": {
             "goal": f"median(sdexec run --config CFG) <= {GOAL_IN_PROCESS} x median(systemd-run)",
@@ -433,6 +451,7 @@ def main(args: argparse.Namespace) -> int:
             "sdexec_run_in_process": ip,
             "in_process_floor": fl,
             "server_raw_client": rw,
+            "minimal_python_client": mc,
             "systemd_run": sr,
             "client_overhead_ms": rnd(sv["median_ms"] - rw["median_ms"], 1) if sv and rw else None,
             "startup": {k: stats_ms(v) for k, v in startup.items()},

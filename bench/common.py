@@ -663,6 +663,26 @@ def server_socket() -> str:
     return os.environ.get("SDEXEC_SOCKET") or SERVER_SOCKET
 
 
+# The least a Python client program of the server can be (argv: socket, job id, command...):
+# the interpreter's start, C modules only, the request with its three fds, the exit read from
+# the last line. 32 of these in flight are the floor of 32 `sdexec run` processes: what any
+# client written in Python would cost the node's CPUs.
+MINIMAL_CLIENT = r"""
+import _socket, os, sys
+sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+sock.connect(sys.argv[1])
+argv = ", ".join('"%s"' % a for a in ["--job", sys.argv[2], "--", *sys.argv[3:]])
+req = '{"op": "run", "argv": [%s], "env": {"PATH": "/usr/bin:/bin"}, "cwd": "/"}\n' % argv
+fds = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (0, 1, 2))
+sock.sendmsg([req.encode()], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
+data = b""
+while chunk := sock.recv(65536):
+    data += chunk
+tail = data.rpartition(b'{"exit": ')[2]
+os._exit(int(tail.split(b",")[0]) if tail[:1].isdigit() else 125)
+"""
+
+
 def _server_request(jobid: str, argv: Sequence[str]) -> bytes:
     """What ``sdexec run --job JOBID -- ARGV`` sends, with a small fixed environment."""
     request = {

@@ -35,6 +35,7 @@ if __package__ in (None, ""):  # run as a script: make ``bench`` and ``sdexec`` 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
+    MINIMAL_CLIENT,
     CpuMeter,
     LogCounter,
     RawClient,
@@ -247,7 +248,7 @@ async def main(args: argparse.Namespace) -> int:
     connections = [c for c in args.connection.split(",") if c]
     kinds = ["raw", *(f"library:{c}" for c in connections)]
     if args.server:
-        kinds += ["server_raw", "sdexec_run", "systemd_run"]
+        kinds += ["server_raw", "sdexec_run", "python_client", "systemd_run"]
     sdexec = shutil.which("sdexec") or "sdexec"
     # the unit's command after `--`; the env the sdexec processes hand the server is small
     proc_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
@@ -273,6 +274,12 @@ async def main(args: argparse.Namespace) -> int:
             return await process_round(
                 kind, tag, n, args.concurrency,
                 lambda jobid: [sdexec, "run", "--job", jobid, "--", *argv], proc_env,
+            )  # fmt: skip
+        if kind == "python_client":
+            return await process_round(
+                kind, tag, n, args.concurrency,
+                lambda jobid: [sys.executable, "-c", MINIMAL_CLIENT, server_socket(), jobid, *argv],
+                proc_env,
             )  # fmt: skip
         return await process_round(
             kind, tag, n, args.concurrency,
@@ -349,6 +356,10 @@ async def main(args: argparse.Namespace) -> int:
             "ratio": ratio_of("sdexec_run", "systemd_run"),
             "goal_met": (ratio_of("sdexec_run", "systemd_run") or 0) >= GOAL and clean,
             "vs_server_raw": ratio_of("sdexec_run", "server_raw"),
+            # against the least a Python client program can be (bench/common.py): near 1,
+            # what is left of the gap is Python's start-up, not sdexec's client
+            "vs_minimal_python_client": ratio_of("sdexec_run", "python_client"),
+            "minimal_python_client_vs_systemd_run": ratio_of("python_client", "systemd_run"),
         }
     met = all(g.get("goal_met", True) for g in goals.values())
     emit(
