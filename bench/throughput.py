@@ -309,7 +309,9 @@ async def main(args: argparse.Namespace) -> int:
         leftover = await cleanup_units()
     if profiler is not None:
         out = io.StringIO()
-        pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(args.profile)
+        stats = pstats.Stats(profiler, stream=out)
+        stats.sort_stats("tottime").print_stats(args.profile)
+        stats.sort_stats("cumulative").print_stats("sdexec|dbus_fast", args.profile)
         log(
             "library rounds, costliest functions (the ratio is not valid when profiling):\n"
             + out.getvalue()

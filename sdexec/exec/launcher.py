@@ -48,7 +48,14 @@ from sdexec.exec.command import (
 )
 from sdexec.exec.job import BaseJob, DrainHook, UpdateHook, Who
 from sdexec.systemd import unitstate as us
-from sdexec.systemd.bus import RETRY_FOR, SERVICE_IFACE, TRANSIENT_ERRORS, BusCallError, Manager
+from sdexec.systemd.bus import (
+    RETRY_FOR,
+    SERVICE_IFACE,
+    SLICE_IFACE,
+    TRANSIENT_ERRORS,
+    BusCallError,
+    Manager,
+)
 from sdexec.systemd.cgroup import cgroup_pids, kill_cgroup, unit_cgroup_dir
 from sdexec.systemd.enforce import CHECKS, base_name, check_cgroup, unenforceable
 from sdexec.systemd.gate import Gate
@@ -368,6 +375,7 @@ class Launcher:
         self._start_jobs: dict[str, str] = {}  # unit -> its start job (while start() waits)
         self._stale_jobs: set[str] = set()  # start jobs of attempts given up: JobRemoved ignored
         self._exec_start_ex = True
+        self._slice_cgroups: dict[str, str] = {}  # slice -> its ControlGroup (see start())
 
     async def __aenter__(self) -> Launcher:
         await self.connect()
@@ -584,10 +592,17 @@ class Launcher:
                 # unit: that is a run, not a failure to start, unless systemd says exec failed.
                 self._check_start_failure(job, result, job.state.props)
             # The cgroup (to check it is empty once the unit is inactive: not in the signals)
-            # and the configured properties (to refuse a limit systemd did not apply).
-            names = {"ControlGroup", *(name for name, _s, _v in plan.extra), *checked}
-            applied = await self.manager.get_some(path, sorted(names))
-            if applied.get("ControlGroup"):
+            # and the configured properties (to refuse a limit systemd did not apply). The
+            # cgroup of a unit is its slice's plus its name (systemd escapes none of ours):
+            # the slice's, asked once, spares every later job a call.
+            slice_cgroup = await self._slice_cgroup(plan)
+            names = {*(name for name, _s, _v in plan.extra), *checked}
+            if slice_cgroup is None:
+                names.add("ControlGroup")
+            applied = await self.manager.get_some(path, sorted(names)) if names else {}
+            if slice_cgroup is not None:
+                job.cgroup = f"{slice_cgroup.rstrip('/')}/{plan.name}"
+            elif applied.get("ControlGroup"):
                 job.cgroup = str(applied["ControlGroup"])
             problems = verify_applied(plan.extra, applied)
             if problems:
@@ -695,6 +710,29 @@ class Launcher:
         job.on_props(job.path, props)
         job.publish()
         return job
+
+    async def _slice_cgroup(self, plan: UnitPlan) -> str | None:
+        """The ControlGroup of the slice a unit of ``plan`` lands in (read once; None when
+        unknown). The system manager's only: a user manager's units are asked one by one."""
+        if self.manager.user:
+            return None
+        slice_name = plan.slice or "system.slice"
+        for name, _sig, value in plan.extra:
+            if name == "Slice":
+                slice_name = str(value)
+        known = self._slice_cgroups.get(slice_name)
+        if known is None:
+            try:
+                value = await self.manager.get_one(
+                    object_path(slice_name), SLICE_IFACE, "ControlGroup"
+                )
+            except LaunchError as e:  # BusCallError included: the unit is asked instead
+                log.debug("%s: reading its ControlGroup: %s", slice_name, e)
+                return None
+            if not isinstance(value, str) or not value.startswith("/"):
+                return None  # not realized (yet): ask the unit, and the slice next time
+            known = self._slice_cgroups[slice_name] = value
+        return known
 
     async def _start_unit(
         self, plan: UnitPlan, channels: Channels, job: Job, *, again: bool = False

@@ -29,6 +29,8 @@ class ScriptedManager:
     """Answers StartTransientUnit from ``starts`` (an exception, or the start job's result sent
     as JobRemoved, or None: no JobRemoved ever) and GetAll from ``states`` (the last repeats)."""
 
+    user = False  # the system manager
+
     def __init__(self, starts: list[Any], states: list[dict[str, Any]]) -> None:
         self.starts = starts
         self.states = states
@@ -72,6 +74,9 @@ class ScriptedManager:
 
     async def get_some(self, path: str, names: Sequence[str]) -> dict[str, Any]:
         return {"ControlGroup": "/sdexec.slice/x.service"}
+
+    async def get_one(self, path: str, interface: str, name: str) -> Any:
+        return None  # the slice's cgroup unknown: the unit is asked (test_cgroup_path.py)
 
 
 def _launcher(manager: ScriptedManager) -> Launcher:
