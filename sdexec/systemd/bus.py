@@ -487,22 +487,10 @@ class Manager:
         return unwrap(value)
 
     async def get_some(self, path: str, names: Sequence[str]) -> dict[str, Any]:
-        """A few properties of a unit's Service interface, read together; unknown ones left out."""
-
-        async def one(name: str) -> tuple[str, Any] | None:
-            try:
-                (value,) = await self.call(
-                    "Get", "ss", [SERVICE_IFACE, name], path=path, interface=PROPS_IFACE,
-                    retry=True,
-                )  # fmt: skip
-            except BusCallError as e:
-                if "UnknownProperty" in e.name or "InvalidArgs" in e.name:
-                    return None  # not readable back on this systemd: nothing to compare
-                raise
-            return name, unwrap(value)
-
-        got = await asyncio.gather(*(one(name) for name in names))
-        return dict(item for item in got if item is not None)
+        """A few properties of a unit's Service interface, read together; unknown ones (not
+        readable back on this systemd: nothing to compare) left out."""
+        got = await asyncio.gather(*(self.get_one(path, SERVICE_IFACE, n) for n in names))
+        return {name: value for name, value in zip(names, got, strict=True) if value is not None}
 
     async def job_call(self, member: str, signature: str, body: Sequence[Any], **kw: Any) -> str:
         """A call that queues a systemd job (Start*/Stop*): bounded until its JobRemoved."""
