@@ -101,13 +101,9 @@ class BusCallError(LaunchError):
 
 
 def unwrap(value: Any) -> Any:
-    """Variants all the way down to plain Python values.
-
-    Every PropertiesChanged of every unit passes through here (a few dozen values per job):
-    a Variant of a plain value, by far the most common, costs one loop turn, no call.
-    """
-    while isinstance(value, Variant):
-        value = value.value
+    """Variants all the way down to plain Python values."""
+    if isinstance(value, Variant):
+        return unwrap(value.value)
     if isinstance(value, list):
         return [unwrap(v) for v in value]
     if isinstance(value, dict):
@@ -118,8 +114,7 @@ def unwrap(value: Any) -> Any:
 def _pick(props: dict[str, Any], keys: PropsFilter) -> dict[str, Any]:
     if keys is None:
         return {k: unwrap(v) for k, v in props.items()}
-    # only the wanted ones are looked at: a Service interface's signal carries ~100 values
-    return {k: unwrap(props[k]) for k in props.keys() & keys}
+    return {k: unwrap(v) for k, v in props.items() if k in keys}
 
 
 def _user_bus_address() -> str:
